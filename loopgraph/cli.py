@@ -1,0 +1,148 @@
+"""The ``loopgraph`` command: a thin layer over the Python API, one function per subcommand.
+
+User errors (:class:`LoopgraphError`) print as one line and exit with code 2; ``--debug``
+shows their traceback. torch/transformers/optimum are imported only inside the commands that
+need them, so ``loopgraph rewrite --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from loopgraph import __version__
+from loopgraph.errors import LoopgraphError
+from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
+
+#: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loopgraph.exporters.export import export
+    export(args.model, args.output, with_past=args.with_past, opset=args.opset, force=args.force,
+           say=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loopgraph.inspect import describe, format_text
+    info = describe(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def spec_from_args(args: argparse.Namespace) -> LoopSpec:
+    start, end = parse_range(args.range)
+    return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
+                    kv=args.kv, dynamic=args.dynamic)
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from loopgraph.rewrite import rewrite
+    t0 = time.time()
+    spec = spec_from_args(args)
+    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights)
+    loop = result.reports.get("wrap-in-loop", {})
+    print(f"looped blocks {result.spec.start}:{result.spec.end} of {len(result.blocks)} "
+          f"x{result.spec.iters} ({result.spec.reg}{'' if result.spec.weight is None else f', weight {result.spec.weight:g}'}"
+          f"{', dynamic' if result.spec.dynamic else ''}): {loop.get('body_nodes', '?')} nodes in the Loop body, "
+          f"{loop.get('regularizer_nodes', '?')} regularizer nodes")
+    print(f"wrote {result.path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from loopgraph.verify import DEFAULT_PROMPTS, format_report, verify
+    prompts = [tuple(args.prompts)] if args.prompts else DEFAULT_PROMPTS
+    report = verify(args.model, args.reference, prompts, atol=args.atol, rtol=args.rtol, device=args.device,
+                    say=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
+    parser.add_argument("--version", action="version", version=f"loopgraph {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a causal LM to ONNX with Optimum",
+                       description="Export a Hugging Face checkpoint folder, a .gguf file or the built-in smollm2-135m to DIR/model.onnx.")
+    p.add_argument("model", help="checkpoint folder, .gguf file, or smollm2-135m")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--with-past", action="store_true", help="export with KV-cache inputs/outputs (text-generation-with-past)")
+    p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="describe an ONNX model and its decoder blocks",
+                       description="Print opset, inputs/outputs, external data, KV cache, decoder blocks and any loopgraph rewrite. "
+                                   "Never loads external weights.")
+    p.add_argument("model", help="an .onnx file or an export folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",
+                       description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in the README).")
+    p.add_argument("model", help="the .onnx file of an export")
+    p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive, Python slice rules (e.g. 10:20, -5:, :8)")
+    p.add_argument("--iters", "-n", type=_positive_int, default=3, help="N, applications of the range (1..64, default 3)")
+    p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
+    p.add_argument("--alpha", type=float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
+    p.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
+    p.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
+    p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
+    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("verify", help="check a looped graph against the PyTorch reference",
+                       description="Compare the looped ONNX graph in ORT with an independent PyTorch looped model, "
+                                   "and check that N = 1 is bit-exact to the original.")
+    p.add_argument("model", help="a looped .onnx written by loopgraph rewrite")
+    p.add_argument("--reference", help="HF checkpoint folder or smollm2-135m (default: from the export's loopgraph.json)")
+    p.add_argument("--prompts", nargs="+", help="prompts to run as one left-padded batch (default: a fixed set)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute part of the bound (default 1e-5)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto")
+    p.set_defaults(func=cmd_verify)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except LoopgraphError as e:
+        if args.debug:
+            raise
+        print(f"loopgraph: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loopgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

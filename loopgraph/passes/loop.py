@@ -1,0 +1,255 @@
+"""Wrap a block range in an ONNX ``Loop`` that re-applies it N times with a regularizer.
+
+Handles: any range of blocks found by :mod:`loopgraph.passes.blocks` (including S = 0 and the
+full depth), every regularizer, baked or ``dynamic`` trip count and weight.
+Refuses: a model that is already looped, a KV-cache (with-past) export, opset < 13, a range
+whose intermediate tensors are read after the range (the body could not be closed).
+
+How the graph is built (DESIGN §5):
+- The body is chosen by dataflow: nodes whose values depend on the range input and that feed
+  the range output. Nodes in the range that do not (constants, rotary cos/sin, the causal mask
+  built from ``Shape(h)``) stay in the main graph and the body reads them from the outer scope.
+- Weights stay main-graph initializers read by the body (outer-scope capture); the body holds
+  no initializers at all (:func:`_fix_subgraph_scope` repairs onnx-graphsurgeon's export).
+- ``Loop(M, cond="", x0, states...)``: M is always given (TensorRT defines the iteration
+  counter only then), cond is empty, the body returns ``Identity(cond_in)``.
+- The Loop output takes the range output's name, so nothing downstream is rewired; the body's
+  copy of it is renamed ``loopgraph/body/y``. Every added name carries ``loopgraph/``.
+- Loop outputs and body inputs have declared shapes, because ONNX shape inference drops the
+  shape of Loop outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from loopgraph import __version__
+from loopgraph.errors import LoopgraphError
+from loopgraph.passes.base import PassResult
+from loopgraph.passes.blocks import BlockMap, has_kv_cache
+from loopgraph.passes.dataflow import GraphIndex
+from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name
+from loopgraph.spec import METADATA_KEY, REGULARIZERS, LoopSpec
+
+MIN_OPSET = 13
+ITERS_NAME = lg_name("iters")
+
+
+def param_name(reg: str) -> str | None:
+    """Name of the graph tensor holding the regularizer's parameter (alpha or K)."""
+    p = REGULARIZERS[reg]
+    return lg_name(p) if p else None
+
+
+def is_looped(model: onnx.ModelProto) -> bool:
+    return any(p.key == METADATA_KEY for p in model.metadata_props) or any(
+        n.op_type == "Loop" and n.name.startswith(lg_name("")) for n in model.graph.node
+    )
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _hidden_type(model: onnx.ModelProto, name: str) -> tuple[np.dtype, list]:
+    """dtype and symbolic shape of the residual stream tensor ``name``."""
+    infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
+    if name not in infos:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        infos.update({v.name: v for v in inferred.graph.value_info})
+    info = infos.get(name)
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        raise LoopgraphError(f"cannot infer the shape of the range input {name}; "
+                             "re-export the model (shape inference found no shape for it)")
+    tt = info.type.tensor_type
+    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim]
+    return helper.tensor_dtype_to_np_dtype(tt.elem_type), shape
+
+
+def check_loopable(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> None:
+    """Preconditions shared by the Loop and the unroll forms."""
+    if is_looped(model):
+        raise LoopgraphError("the model is already looped by loopgraph; rewrite the original export instead")
+    if has_kv_cache(model):
+        raise LoopgraphError("this is a KV-cache (with-past) export, which the Loop rewrite does not "
+                             "support yet; export without --with-past")
+    if default_opset(model) < MIN_OPSET:
+        raise LoopgraphError(f"opset {default_opset(model)} is too old for the rewrite; "
+                             f"re-export with --opset {MIN_OPSET} or newer")
+    if spec.start is None or spec.end is None or not 0 <= spec.start < spec.end <= len(blocks):
+        raise LoopgraphError(f"range {spec.range_str} is not resolved against the model's "
+                             f"{len(blocks)} blocks; call spec.resolve(len(blocks)) first")
+
+
+def select_body(model: onnx.ModelProto, blocks: BlockMap, spec: LoopSpec) -> tuple[str, str, list[int]]:
+    """(range input, range output, body node indices in graph order) or a clear refusal."""
+    index = GraphIndex(model.graph)
+    x0 = blocks.blocks[spec.start].input
+    out = blocks.blocks[spec.end - 1].output
+    body = index.between(x0, [out])
+    for i in sorted(body):
+        for t in index.nodes[i].output:
+            if t == out or not t:
+                continue
+            leak = [j for j in index.consumers.get(t, ()) if j not in body]
+            if leak or t in index.graph_outputs:
+                who = index.nodes[leak[0]].name if leak else "a graph output"
+                raise LoopgraphError(
+                    f"tensor {t} computed inside range {spec.range_str} is also read by {who} "
+                    "outside the range, so the range cannot be closed into a Loop body; "
+                    "export without extra outputs (e.g. hidden states)")
+    return x0, out, sorted(body)
+
+
+def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResult:
+    """Return a new model with blocks ``[spec.start, spec.end)`` inside a Loop. ``model`` is
+    not modified. The model may be weight-less (stubs from :func:`onnxio.detach_weights`)."""
+    check_loopable(model, spec, blocks)
+    x0_name, out_name, body_ids = select_body(model, blocks, spec)
+    dtype, shape = _hidden_type(model, x0_name)
+
+    graph = gs.import_onnx(model)
+    if len(graph.nodes) != len(model.graph.node):
+        raise RuntimeError("onnx-graphsurgeon changed the node count on import")
+    tensors = graph.tensors()
+    x0, out = tensors[x0_name], tensors[out_name]
+    body_nodes = [graph.nodes[i] for i in body_ids]
+
+    # Outer-scope parameters: trip count and regularizer weight (initializers, or inputs if dynamic).
+    weight_value = {"alpha": spec.alpha, "k": spec.k}.get(REGULARIZERS[spec.reg] or "")
+    params = {ITERS_NAME: np.array(spec.iters, np.int64)}
+    if weight_value is not None:
+        params[param_name(spec.reg)] = np.array(weight_value, dtype)
+    outer = {name: _scalar_param(graph, name, value, spec.dynamic) for name, value in params.items()}
+    iters, weight = outer[ITERS_NAME], outer.get(param_name(spec.reg))
+
+    # Body inputs: iteration number, condition, x_{t-1} and the regularizer's carried states.
+    b = BodyBuilder("body", dtype)
+    iteration = gs.Variable(lg_name("body", "iteration"), np.int64, [])
+    cond_in = gs.Variable(lg_name("body", "cond_in"), np.bool_, [])
+    x_prev = gs.Variable(lg_name("body", "x_prev"), dtype, shape)  # [batch, seq, hidden]
+    states = extra_states(spec.reg, shape)
+    state_in = {s.name: gs.Variable(lg_name("body", f"{s.name}_prev"), dtype, s.shape) for s in states}
+
+    # y_t = B(x_{t-1}): the range's own nodes, reading x_prev instead of x0.
+    for node in body_nodes:
+        _replace(node.inputs, x0, x_prev)
+    y = gs.Variable(lg_name("body", "y"), dtype, shape)
+    producer = out.inputs[0]
+    _replace(producer.outputs, out, y)
+
+    x_next, state_out = build_update(b, spec.reg, iteration, y, x_prev, state_in, weight, shape)
+    cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
+    body_outputs = [cond_out, x_next] + [state_out[s.name] for s in states]
+    body = gs.Graph(nodes=body_nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values()],
+                    outputs=body_outputs, name=lg_name("body"), opset=graph.opset)
+
+    # Outer graph: initial states, the Loop (taking the range output's name), nothing else rewired.
+    pre = BodyBuilder("init", dtype)
+    inits = {"x0": x0}
+    if any(s.init == "x0_sum" for s in states):
+        inits["x0_sum"] = pre.op("ReduceSum", x0, pre.const(np.array([-1], np.int64), "hidden_axis"),
+                                 attrs={"keepdims": 1}, dtype=dtype, shape=list(shape[:-1]) + [1], name="x0_sum")
+    out.dtype, out.shape = dtype, shape
+    finals = [gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in states]
+    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states],
+                   outputs=[out, *finals], attrs={"body": body})
+    at = graph.nodes.index(producer)
+    moved = {id(n) for n in body_nodes}
+    graph.nodes = [n for n in graph.nodes[:at] if id(n) not in moved] + pre.nodes + [loop] + \
+                  [n for n in graph.nodes[at:] if id(n) not in moved]
+
+    new = gs.export_onnx(graph, do_type_check=False)
+    _fix_subgraph_scope(new)
+    _restore_model_fields(new, model)
+    if spec.dynamic:  # a graph input with a same-named initializer is an overridable default
+        new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in params.items())
+    _record_spec(new, spec, blocks)
+    _check_postconditions(new)
+    report = {"range": f"{spec.start}:{spec.end}", "blocks": len(blocks), "iters": spec.iters, "reg": spec.reg,
+              "body_nodes": len(body_nodes), "regularizer_nodes": len(b.nodes), "dynamic": spec.dynamic,
+              "range_input": x0_name, "range_output": out_name}
+    return PassResult(new, True, report)
+
+
+def _replace(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Swap ``old`` for ``new`` by identity (gs keeps producer/consumer links in sync)."""
+    for i, t in enumerate(tensors):
+        if t is old:
+            tensors[i] = new
+
+
+def _scalar_param(graph: gs.Graph, name: str, value: np.ndarray, dynamic: bool) -> gs.Tensor:
+    if dynamic:
+        var = gs.Variable(name, value.dtype, [])
+        graph.inputs.append(var)
+        return var
+    return gs.Constant(name, value)
+
+
+def _fix_subgraph_scope(model: onnx.ModelProto) -> None:
+    """The one place that repairs onnx-graphsurgeon's export of subgraphs.
+
+    gs writes every constant a body reads into that body as a body initializer, and value_info
+    for outer tensors the body reads. Weights must stay main-graph initializers read through
+    the outer scope (stored once; ORT's external-data writer duplicates body initializers), so
+    body initializers move to the main graph (dropped where the main graph already has them),
+    and body value_info is kept only for names the body defines."""
+    main_inits = {t.name for t in model.graph.initializer}
+    for body in _bodies(model.graph):
+        for t in list(body.initializer):
+            if t.name not in main_inits:
+                model.graph.initializer.append(t)
+                main_inits.add(t.name)
+        del body.initializer[:]
+        defined = {v.name for v in body.input} | {o for n in body.node for o in n.output}
+        keep = [v for v in body.value_info if v.name in defined]
+        del body.value_info[:]
+        body.value_info.extend(keep)
+
+
+def _bodies(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+                yield from _bodies(attr.g)
+
+
+def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
+    new.ir_version = old.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(old.opset_import)
+    new.producer_name, new.producer_version = old.producer_name, old.producer_version
+    new.doc_string, new.domain, new.model_version = old.doc_string, old.domain, old.model_version
+    del new.metadata_props[:]
+    new.metadata_props.extend(old.metadata_props)
+    if not new.functions:
+        new.functions.extend(old.functions)
+
+
+def _record_spec(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> None:
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                   METADATA_KEY: spec.to_json(),
+                                   "loopgraph.version": __version__,
+                                   "loopgraph.blocks": str(len(blocks))})
+
+
+def _check_postconditions(model: onnx.ModelProto) -> None:
+    outer = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
+    outer |= {o for n in model.graph.node for o in n.output}
+    for body in _bodies(model.graph):
+        if body.initializer:
+            raise RuntimeError("postcondition: a Loop body holds initializers")
+        names = [v.name for v in body.input] + [o for n in body.node for o in n.output if o]
+        dup = {n for n in names if names.count(n) > 1} if len(set(names)) != len(names) else set()
+        shadow = set(names) & outer
+        if dup or shadow:
+            raise RuntimeError(f"postcondition: body names repeat ({sorted(dup)[:3]}) or shadow outer names ({sorted(shadow)[:3]})")
+    declared = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "Loop" and not all(o in declared for o in node.output if o):
+            raise RuntimeError("postcondition: a Loop output has no declared shape")

@@ -1,0 +1,100 @@
+"""The PyTorch looped model: the Hugging Face model's own blocks ``[start, end)`` applied N times
+with the regularizer, written directly from the formulas in :mod:`loopgraph.spec` (sums over all
+``y_i`` rather than the graph's running updates), so it checks the ONNX graph independently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from loopgraph.passes.regularize import COS_EPS
+from loopgraph.spec import LoopSpec
+
+
+def next_state(spec: LoopSpec, t: int, ys: list[torch.Tensor], x_prev: torch.Tensor) -> torch.Tensor:
+    """x_t from y_1..y_t (DESIGN §1); x_1 = y_1 = r."""
+    y, r = ys[-1], ys[0]
+    if t == 1 or spec.reg == "naive":
+        return y
+    if spec.reg == "uniform":
+        return torch.stack(ys).sum(0) / t
+    if spec.reg == "ema":
+        return spec.alpha * y + (1 - spec.alpha) * x_prev
+    if spec.reg == "anchor":
+        return spec.alpha * y + (1 - spec.alpha) * r
+    if spec.reg == "damped":
+        return (1 - 1 / spec.k) * x_prev + (1 / spec.k) * y
+    if spec.reg == "auto-align":
+        weights = [torch.ones_like(r[..., :1])]
+        for y_i in ys[1:]:
+            cos = (y_i * r).sum(-1, keepdim=True) / torch.clamp(y_i.norm(dim=-1, keepdim=True) * r.norm(dim=-1, keepdim=True), min=COS_EPS)
+            weights.append(torch.relu(cos))
+        return sum(w * y_i for w, y_i in zip(weights, ys)) / sum(weights)
+    raise ValueError(spec.reg)
+
+
+class LoopedRange(nn.Module):
+    """Stands in for blocks ``[start, end)``: calls them N times, regularizing between passes.
+
+    Each block is called with the arguments the model passes to a block (masks, positions,
+    rotary embeddings); tuple outputs (GPT-2) are unpacked and re-packed."""
+
+    def __init__(self, layers: list[nn.Module], spec: LoopSpec, record: list | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.spec = spec
+        self.record = record  # when a list, receives (y_t, x_t) per iteration
+        for attr in ("attention_type", "layer_idx"):  # read by some models' forward loops
+            if hasattr(layers[0], attr):
+                setattr(self, attr, getattr(layers[0], attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x, ys, rest = hidden_states, [], None
+        for t in range(1, self.spec.iters + 1):
+            h = x
+            for layer in self.layers:
+                out = layer(h, *args, **kwargs)
+                h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+            ys.append(h)
+            x = next_state(self.spec, t, ys, x)
+            if self.record is not None:
+                self.record.append((h.detach(), x.detach()))
+        return x if rest is None else (x, *rest)
+
+
+def block_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the ModuleList of decoder blocks, and its attribute name."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attr
+    raise ValueError(f"no ModuleList of {n} blocks in {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def looped(model: nn.Module, spec: LoopSpec, record: list | None = None) -> Iterator[nn.Module]:
+    """Temporarily replace blocks ``[spec.start, spec.end)`` of ``model`` by a :class:`LoopedRange`."""
+    parent, attr = block_list(model)
+    original = getattr(parent, attr)
+    layers = list(original)
+    looped_range = LoopedRange(layers[spec.start:spec.end], spec, record)
+    setattr(parent, attr, nn.ModuleList(layers[:spec.start] + [looped_range] + layers[spec.end:]))
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, original)
+
+
+def reference_logits(model: nn.Module, spec: LoopSpec | None, input_ids, attention_mask) -> torch.Tensor:
+    """Logits of the looped model (or the plain model when ``spec`` is None), no KV cache."""
+    ids = torch.as_tensor(input_ids)
+    mask = torch.as_tensor(attention_mask)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), (looped(model, spec) if spec else contextlib.nullcontext()):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return out.logits

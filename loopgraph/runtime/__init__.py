@@ -1,0 +1,1 @@
+"""Running models with ONNX Runtime. Needs neither torch nor transformers."""

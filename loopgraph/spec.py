@@ -1,0 +1,150 @@
+"""The rewrite spec: one small value object shared by the CLI, the API, the passes and the
+PyTorch reference, and recorded in the rewritten file's metadata.
+
+Notation (DESIGN §1): ``x0`` enters block ``start``; ``y_t = B(x_{t-1})`` applies blocks
+``[start, end)`` for the t-th time (t = 1..N); ``r = y_1`` is the non-looped output; ``x_t``
+is fed to the next application (or to block ``end`` after t = N). Always ``x_1 = y_1 = r``.
+
+Regularizers, x_t for t >= 2:
+
+=============  ==============================================================
+``naive``      ``y_t``
+``uniform``    ``(1/t) * sum_{i<=t} y_i``  (running mean)
+``ema``        ``alpha * y_t + (1 - alpha) * x_{t-1}``
+``anchor``     ``alpha * y_t + (1 - alpha) * r``
+``auto-align`` ``sum_i w_i y_i / sum_i w_i``, ``w_i = max(0, cos(y_i, r))`` per token over
+               the hidden axis; ``w_1 = 1`` exactly (cos(r, r) = 1)
+``damped``     ``(1 - 1/K) * x_{t-1} + (1/K) * y_t``
+=============  ==============================================================
+
+N = 1 reproduces the original model bit-exactly for every regularizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+from loopgraph.errors import LoopgraphError
+
+#: regularizer name -> the parameter it takes (None, "alpha" or "k")
+REGULARIZERS: dict[str, str | None] = {
+    "naive": None,
+    "uniform": None,
+    "ema": "alpha",
+    "anchor": "alpha",
+    "auto-align": None,
+    "damped": "k",
+}
+KV_MODES = ("exact", "first", "last")
+MAX_ITERS = 64
+METADATA_KEY = "loopgraph.spec"
+
+_RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What to loop and how. ``start``/``end`` follow Python slice rules until
+    :meth:`resolve` turns them into absolute block indices for a model of known depth."""
+
+    start: int | None
+    end: int | None
+    iters: int = 3
+    reg: str = "uniform"
+    alpha: float | None = None
+    k: float | None = None
+    kv: str = "exact"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reg not in REGULARIZERS:
+            raise LoopgraphError(
+                f"unknown regularizer {self.reg!r}; choose one of {', '.join(REGULARIZERS)}"
+            )
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int):
+            raise LoopgraphError(f"--iters must be an integer, got {self.iters!r}")
+        if not 1 <= self.iters <= MAX_ITERS:
+            raise LoopgraphError(f"--iters {self.iters} is out of range; use 1..{MAX_ITERS}")
+        if self.kv not in KV_MODES:
+            raise LoopgraphError(f"unknown --kv mode {self.kv!r}; choose one of {', '.join(KV_MODES)}")
+        param = REGULARIZERS[self.reg]
+        if param == "alpha":
+            if self.alpha is None:
+                object.__setattr__(self, "alpha", 0.5)
+            if not 0.0 < self.alpha <= 1.0:
+                raise LoopgraphError(f"--alpha {self.alpha} is outside (0, 1]; pick e.g. 0.5")
+        elif self.alpha is not None:
+            raise LoopgraphError(f"--alpha applies to ema and anchor, not to {self.reg}; drop it")
+        if param == "k":
+            if self.k is None:
+                object.__setattr__(self, "k", 2.0)
+            if not self.k >= 1.0:
+                raise LoopgraphError(f"--k {self.k} must be >= 1 (1/K is the step size); pick e.g. 2")
+        elif self.k is not None:
+            raise LoopgraphError(f"--k applies to damped, not to {self.reg}; drop it")
+
+    @property
+    def weight(self) -> float | None:
+        """The interpolation weight of the new state for t >= 2 (alpha, or 1/K), if any."""
+        if self.alpha is not None:
+            return self.alpha
+        if self.k is not None:
+            return 1.0 / self.k
+        return None
+
+    def resolve(self, num_blocks: int, how: str = "") -> LoopSpec:
+        """Return the spec with absolute ``start``/``end`` for a model of ``num_blocks`` blocks,
+        or raise a one-line error that shows the blocks the model has."""
+        start, end, step = slice(self.start, self.end).indices(num_blocks)
+        given = f"{'' if self.start is None else self.start}:{'' if self.end is None else self.end}"
+        found = f" (found by {how})" if how else ""
+        for v in (self.start, self.end):
+            if v is not None and not -num_blocks <= v <= num_blocks:
+                raise LoopgraphError(
+                    f"--range {given} but the model has blocks 0..{num_blocks - 1}{found}; "
+                    f"try --range 0:{num_blocks}"
+                )
+        if start >= end:
+            raise LoopgraphError(
+                f"--range {given} is empty for a model with blocks 0..{num_blocks - 1}{found}; "
+                f"the end must be after the start, e.g. --range 0:{num_blocks}"
+            )
+        return dataclasses.replace(self, start=start, end=end)
+
+    @property
+    def range_str(self) -> str:
+        return f"{'' if self.start is None else self.start}:{'' if self.end is None else self.end}"
+
+    def slug(self) -> str:
+        """A file-name fragment such as ``loop10-20x3-uniform`` (``-a0.5``, ``-k2`` ...)."""
+        s = f"loop{self.start}-{self.end}x{self.iters}-{self.reg}"
+        if self.alpha is not None:
+            s += f"-a{self.alpha:g}"
+        if self.k is not None:
+            s += f"-k{self.k:g}"
+        if self.dynamic:
+            s += "-dyn"
+        return s
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoopSpec:
+        data: dict[str, Any] = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """``"6:12"`` -> (6, 12); ``"6:"`` -> (6, None); ``":-2"`` -> (None, -2)."""
+    m = _RANGE_RE.match(text or "")
+    if not m:
+        raise LoopgraphError(
+            f"--range {text!r} is not of the form S:E (0-based, end exclusive), e.g. --range 6:12"
+        )
+    start, end = (None if g is None else int(g) for g in m.groups())
+    return start, end
