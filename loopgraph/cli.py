@@ -47,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     start, end = parse_range(args.range)
     return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
-                    kv=args.kv, dynamic=args.dynamic)
+                    kv=args.kv, dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
     p.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
     p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
+    p.add_argument("--noise-control", type=_positive_int, metavar="SEED",
+                   help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
+    p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
     p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)

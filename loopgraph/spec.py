@@ -18,6 +18,12 @@ Regularizers, x_t for t >= 2:
 =============  ==============================================================
 
 N = 1 reproduces the original model bit-exactly for every regularizer.
+
+Noise control (``noise_seed``): the looped output x_N is replaced by ``r + e * |x_N - r| / |e|``
+per token, a perturbation of the same size as looping's shift in a direction unrelated to it.
+``e = sin(r W)`` with ``W ~ N(0, 1)`` (hidden x hidden, drawn from the seed): pseudo-random per
+token, yet a function of the token's own state, so results do not depend on batching or padding
+and are reproducible. With N = 1 the shift is 0 and the model is the original one.
 """
 
 from __future__ import annotations
@@ -58,12 +64,16 @@ class LoopSpec:
     k: float | None = None
     kv: str = "exact"
     dynamic: bool = False
+    noise_seed: int | None = None  # noise control: replace x_N by r + noise of norm |x_N - r|
+    trace: bool = False  # expose y_t and x_t of every iteration as Loop scan outputs
 
     def __post_init__(self) -> None:
         if self.reg not in REGULARIZERS:
             raise LoopgraphError(
                 f"unknown regularizer {self.reg!r}; choose one of {', '.join(REGULARIZERS)}"
             )
+        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)):
+            raise LoopgraphError(f"noise seed must be an integer, got {self.noise_seed!r}")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int):
             raise LoopgraphError(f"--iters must be an integer, got {self.iters!r}")
         if not 1 <= self.iters <= MAX_ITERS:
@@ -127,6 +137,10 @@ class LoopSpec:
             s += f"-k{self.k:g}"
         if self.dynamic:
             s += "-dyn"
+        if self.noise_seed is not None:
+            s += f"-noise{self.noise_seed}"
+        if self.trace:
+            s += "-trace"
         return s
 
     def to_json(self) -> str:

@@ -131,7 +131,7 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     iteration = gs.Variable(lg_name("body", "iteration"), np.int64, [])
     cond_in = gs.Variable(lg_name("body", "cond_in"), np.bool_, [])
     x_prev = gs.Variable(lg_name("body", "x_prev"), dtype, shape)  # [batch, seq, hidden]
-    states = extra_states(spec.reg, shape)
+    states = extra_states(spec.reg, shape, need_r=spec.noise_seed is not None)
     state_in = {s.name: gs.Variable(lg_name("body", f"{s.name}_prev"), dtype, s.shape) for s in states}
 
     # y_t = B(x_{t-1}): the range's own nodes, reading x_prev instead of x0.
@@ -144,6 +144,8 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     x_next, state_out = build_update(b, spec.reg, iteration, y, x_prev, state_in, weight, shape)
     cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
     body_outputs = [cond_out, x_next] + [state_out[s.name] for s in states]
+    trace_names = ("y", "x") if spec.trace else ()
+    body_outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(trace_names, (y, x_next))]
     body = gs.Graph(nodes=body_nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values()],
                     outputs=body_outputs, name=lg_name("body"), opset=graph.opset)
 
@@ -154,12 +156,19 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
         inits["x0_sum"] = pre.op("ReduceSum", x0, pre.const(np.array([-1], np.int64), "hidden_axis"),
                                  attrs={"keepdims": 1}, dtype=dtype, shape=list(shape[:-1]) + [1], name="x0_sum")
     out.dtype, out.shape = dtype, shape
-    finals = [gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in states]
+    finals = {s.name: gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in states}
+    x_final = out if spec.noise_seed is None else gs.Variable(lg_name("loop", "x_final"), dtype, shape)
+    iters_dim = "loopgraph_iters" if spec.dynamic else spec.iters
+    traces = [gs.Variable(lg_name("trace", n), dtype, [iters_dim, *shape]) for n in trace_names]
     loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states],
-                   outputs=[out, *finals], attrs={"body": body})
+                   outputs=[x_final, *finals.values(), *traces], attrs={"body": body})
+    post = BodyBuilder("noise", dtype)
+    if spec.noise_seed is not None:
+        _noise_control(post, x_final, finals["r"], out, spec.noise_seed, shape)
+    graph.outputs.extend(traces)
     at = graph.nodes.index(producer)
     moved = {id(n) for n in body_nodes}
-    graph.nodes = [n for n in graph.nodes[:at] if id(n) not in moved] + pre.nodes + [loop] + \
+    graph.nodes = [n for n in graph.nodes[:at] if id(n) not in moved] + pre.nodes + [loop] + post.nodes + \
                   [n for n in graph.nodes[at:] if id(n) not in moved]
 
     new = gs.export_onnx(graph, do_type_check=False)
@@ -173,6 +182,25 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
               "body_nodes": len(body_nodes), "regularizer_nodes": len(b.nodes), "dynamic": spec.dynamic,
               "range_input": x0_name, "range_output": out_name}
     return PassResult(new, True, report)
+
+
+def _noise_control(b: BodyBuilder, x_final: gs.Tensor, r: gs.Tensor, out: gs.Variable, seed: int, shape: list) -> None:
+    """``out = r + e * |x_N - r| / |e|`` per token, ``e = sin(r W)`` (see :mod:`loopgraph.spec`)."""
+    dt, hidden, token = b.dtype, shape[-1], list(shape[:-1]) + [1]
+    w = gs.Constant(lg_name("noise", "W"), np.random.default_rng(seed).standard_normal((hidden, hidden)).astype(dt))
+    axes = b.const(np.array([-1], np.int64), "hidden_axis")
+
+    def norm(v: gs.Tensor, name: str) -> gs.Variable:
+        sq = b.op("Mul", v, v, dtype=dt, shape=shape, name=f"{name}_sq")
+        return b.op("Sqrt", b.op("ReduceSum", sq, axes, attrs={"keepdims": 1}, dtype=dt, shape=token, name=f"{name}_sum"),
+                    dtype=dt, shape=token, name=name)
+
+    shift = norm(b.op("Sub", x_final, r, dtype=dt, shape=shape, name="shift"), "shift_norm")
+    e = b.op("Sin", b.op("MatMul", r, w, dtype=dt, shape=shape, name="r_w"), dtype=dt, shape=shape, name="e")
+    scale = b.op("Div", shift, b.op("Max", norm(e, "e_norm"), b.const(np.array(1e-12, dt), "tiny"), dtype=dt, shape=token, name="e_norm_floor"),
+                 dtype=dt, shape=token, name="scale")
+    b.nodes.append(gs.Node("Add", name=lg_name("noise", "out/node"),
+                           inputs=[r, b.op("Mul", e, scale, dtype=dt, shape=shape, name="noise")], outputs=[out]))
 
 
 def _replace(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:

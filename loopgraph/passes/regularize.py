@@ -59,13 +59,14 @@ class State:
     init: str  # "x0" or "x0_sum" (a [batch, seq, 1] tensor from x0; value unused at t = 1)
 
 
-def extra_states(reg: str, hidden_shape: list) -> list[State]:
+def extra_states(reg: str, hidden_shape: list, need_r: bool = False) -> list[State]:
+    """Carried states besides x. ``need_r``: carry r = y_1 even if the regularizer does not."""
     token_shape = list(hidden_shape[:-1]) + [1]
-    if reg == "anchor":
-        return [State("r", hidden_shape, "x0")]
     if reg == "auto-align":
         return [State("r", hidden_shape, "x0"), State("wsum_y", hidden_shape, "x0"),
                 State("wsum", token_shape, "x0_sum")]
+    if reg == "anchor" or need_r:
+        return [State("r", hidden_shape, "x0")]
     return []
 
 
@@ -73,10 +74,21 @@ def build_update(b: BodyBuilder, reg: str, iteration: gs.Tensor, y: gs.Tensor, x
                  states: dict[str, gs.Tensor], weight: gs.Tensor | None, shape: list) -> tuple[gs.Tensor, dict[str, gs.Tensor]]:
     """Emit ``x_t`` (and the next carried states) from ``y_t``; see :mod:`loopgraph.spec`."""
     dt = b.dtype
-    if reg == "naive":
+    if reg == "naive" and not states:
         return y, {}
     one = b.const(np.array(1, dt), "one")
     first = b.op("Equal", iteration, b.const(np.array(0, np.int64), "zero_i64"), dtype=np.bool_, shape=[], name="is_first")
+    x_next, new_states = _update(b, reg, first, one, iteration, y, x_prev, states, weight, shape)
+    if "r" in states and "r" not in new_states:  # carried only for the noise control
+        new_states["r"] = b.op("Where", first, y, states["r"], dtype=dt, shape=shape, name="r")
+    return x_next, new_states
+
+
+def _update(b: BodyBuilder, reg: str, first: gs.Tensor, one: gs.Tensor, iteration: gs.Tensor, y: gs.Tensor, x_prev: gs.Tensor,
+            states: dict[str, gs.Tensor], weight: gs.Tensor | None, shape: list) -> tuple[gs.Tensor, dict[str, gs.Tensor]]:
+    dt = b.dtype
+    if reg == "naive":
+        return y, {}
     if reg == "uniform":
         t = b.op("Cast", b.op("Add", iteration, b.const(np.array(1, np.int64), "one_i64"), dtype=np.int64, shape=[], name="t"),
                  attrs={"to": onnx_dtype(dt)}, dtype=dt, shape=[], name="t_float")
