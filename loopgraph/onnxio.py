@@ -106,9 +106,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise LoopgraphError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise LoopgraphError(f"output folder {folder} is not writable; choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=folder)
+    except OSError as e:
+        raise LoopgraphError(f"output folder {folder} is not writable ({e.strerror}); choose another -o path") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -14,7 +14,7 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, external_locations, load_model, resolve_model_path, save_model
 from loopgraph.passes.base import Pass, PassResult, run_passes
 from loopgraph.passes.blocks import BlockMap, find_blocks
-from loopgraph.passes.loop import wrap_in_loop
+from loopgraph.passes.loop import is_looped, wrap_in_loop
 from loopgraph.spec import LoopSpec
 
 SOURCE_KEY = "loopgraph.source"
@@ -35,6 +35,8 @@ def default_output(src: Path, spec: LoopSpec) -> Path:
 
 def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, dict]:
     """Rewrite an in-memory model (weights may be stubs). Returns a new model; ``model`` is kept."""
+    if is_looped(model):  # checked before block discovery, which cannot see into a Loop body
+        raise LoopgraphError("the model is already looped by loopgraph; rewrite the original export instead")
     blocks = find_blocks(model)
     resolved = spec.resolve(len(blocks), blocks.strategy)
     pipeline = [

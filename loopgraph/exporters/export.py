@@ -63,8 +63,10 @@ def _check_checkpoint(folder: Path) -> dict[str, Any]:
     cfg = json.loads(cfg_path.read_text())
     model_type = cfg.get("model_type")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise LoopgraphError(f"{folder}: model_type {model_type!r} is not a causal language model; "
+    archs = cfg.get("architectures") or []
+    causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if causal_class is None or (archs and not any(a == causal_class or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
+        raise LoopgraphError(f"{folder}: {', '.join(archs) or model_type} is not a causal language model; "
                              "loopgraph loops decoder LMs (Llama, Qwen2, Mistral, Gemma2, Phi3, GPT-2, ...)")
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
