@@ -20,7 +20,9 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "loopgraph.runtime.cli",
+)
 
 
 def _positive_int(text: str) -> int:

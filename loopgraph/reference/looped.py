@@ -41,20 +41,48 @@ class LoopedRange(nn.Module):
     """Stands in for blocks ``[start, end)``: calls them N times, regularizing between passes.
 
     Each block is called with the arguments the model passes to a block (masks, positions,
-    rotary embeddings); tuple outputs (GPT-2) are unpacked and re-packed."""
+    rotary embeddings); tuple outputs (GPT-2) are unpacked and re-packed.
+
+    KV cache: every iteration sees a different input, so each needs its own cache (the ``exact``
+    scheme of DESIGN §5). Iteration 1 uses the cache the model passes (``past_key_values``, as a
+    keyword (Llama family) or the block's second positional argument (GPT-2)); iterations
+    t >= 2 use ``caches[t - 2]``, extra ``DynamicCache`` s (created empty, they fill lazily with
+    entries for the looped layers under their own layer indices). They are started afresh when a
+    new generation begins: the model's cache is a new object, or holds nothing yet for the range.
+    Without a cache (``use_cache=False``) nothing changes."""
 
     def __init__(self, layers: list[nn.Module], spec: LoopSpec, record: list | None = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.spec = spec
         self.record = record  # when a list, receives (y_t, x_t) per iteration
+        self.caches: list = []  # per-iteration caches for t >= 2 (filled during cached generation)
+        self._cache_owner = None  # the model's cache the extra caches belong to
         for attr in ("attention_type", "layer_idx"):  # read by some models' forward loops
             if hasattr(layers[0], attr):
                 setattr(self, attr, getattr(layers[0], attr))
 
+    def _iteration_caches(self, cache) -> list:
+        """[cache, extra_2, ..., extra_N]: the cache each iteration's layers read and update."""
+        from transformers.cache_utils import DynamicCache
+        # the first looped layer's index: on the block (some models) or its attention module
+        first = next(m.layer_idx for m in self.layers[0].modules() if isinstance(getattr(m, "layer_idx", None), int))
+        if cache is not self._cache_owner or cache.get_seq_length(first) == 0:
+            self.caches = [DynamicCache() for _ in range(self.spec.iters - 1)]
+            self._cache_owner = cache
+        return [cache, *self.caches]
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        from transformers.cache_utils import Cache
+        positional = bool(args) and isinstance(args[0], Cache)
+        cache = args[0] if positional else kwargs.get("past_key_values")
+        caches = self._iteration_caches(cache) if isinstance(cache, Cache) else [cache] * self.spec.iters
         x, ys, rest = hidden_states, [], None
         for t in range(1, self.spec.iters + 1):
+            if positional:
+                args = (caches[t - 1], *args[1:])
+            elif "past_key_values" in kwargs:
+                kwargs["past_key_values"] = caches[t - 1]
             h = x
             for layer in self.layers:
                 out = layer(h, *args, **kwargs)
@@ -98,3 +126,18 @@ def reference_logits(model: nn.Module, spec: LoopSpec | None, input_ids, attenti
     with torch.no_grad(), (looped(model, spec) if spec else contextlib.nullcontext()):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.logits
+
+
+def reference_generate(model: nn.Module, spec: LoopSpec | None, input_ids, attention_mask, max_new_tokens: int,
+                       **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face ``generate`` (greedy unless ``generate_kwargs`` say otherwise) with the KV
+    cache on the looped model (the plain model when ``spec`` is None): the eager PyTorch
+    counterpart of ``loopgraph generate``. Returns the new tokens [batch, steps] and the raw
+    next-token logits of every step [batch, steps, vocab]."""
+    ids = torch.as_tensor(input_ids)
+    mask = torch.as_tensor(attention_mask)
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.no_grad(), (looped(model, spec) if spec else contextlib.nullcontext()):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
+                             return_dict_in_generate=True, output_logits=True, **generate_kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)

@@ -1,0 +1,156 @@
+"""Text in and out without transformers: the ``tokenizers`` library on the ``tokenizer.json`` an
+export wrote, the chat template rendered with jinja2, and the EOS/pad ids from the export's
+``generation_config.json`` / ``config.json`` / ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loopgraph.errors import LoopgraphError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+
+
+@dataclasses.dataclass
+class TextTokenizer:
+    """A model folder's tokenizer: encode/decode, chat template, EOS and pad ids."""
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    chat_template: str | None
+    special_tokens: dict[str, str]  # bos_token, eos_token, ... as text, for the chat template
+    folder: Path
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TextTokenizer:
+        """Load the tokenizer files an export wrote into ``folder``."""
+        folder = Path(folder)
+        tok_file = folder / TOKENIZER_FILE
+        if not tok_file.is_file():
+            raise LoopgraphError(f"{folder} has no {TOKENIZER_FILE}, so the text cannot be tokenized; export the model with "
+                                 f"loopgraph export (it writes the tokenizer) or copy the checkpoint's {TOKENIZER_FILE} next to the .onnx file")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise LoopgraphError("the tokenizers library is not installed; pip install 'loopgraph[cpu]'") from None
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a plain Exception for malformed files
+            raise LoopgraphError(f"{tok_file} could not be loaded by the tokenizers library: {str(e).splitlines()[0]}") from None
+        tok_config = _read_json(folder / "tokenizer_config.json")
+        gen_config = _read_json(folder / "generation_config.json")
+        config = _read_json(folder / "config.json")
+        special = {k: t for k, v in tok_config.items() if k.endswith("_token") and (t := _token_text(v)) is not None}
+
+        eos = _ids(gen_config.get("eos_token_id")) or _ids(config.get("eos_token_id"))
+        if not eos and special.get("eos_token") is not None:
+            eos = _ids(tokenizer.token_to_id(special["eos_token"]))
+        pad = gen_config.get("pad_token_id", config.get("pad_token_id"))
+        if pad is None and special.get("pad_token") is not None:
+            pad = tokenizer.token_to_id(special["pad_token"])
+        if isinstance(pad, list):
+            pad = pad[0] if pad else None
+        pad_id = int(pad) if pad is not None else (eos[0] if eos else 0)  # only fills masked positions
+
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else tok_config.get("chat_template")
+        if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return cls(tokenizer, eos, pad_id, template, special, folder)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special tokens (e.g. BOS) as the tokenizer's post-processor adds them."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` ([{"role": ..., "content": ...}]) through the model's chat template,
+        rendered as transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks)."""
+        if not self.chat_template:
+            raise LoopgraphError(f"{self.folder} has no chat template (neither chat_template.jinja nor a chat_template entry in "
+                                 "tokenizer_config.json); drop --chat and write the prompt as plain text")
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise LoopgraphError("--chat needs jinja2; pip install 'loopgraph[cpu]'") from None
+
+        def raise_exception(message: str) -> None:
+            raise LoopgraphError(f"the chat template of {self.folder} refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise LoopgraphError(f"the chat template of {self.folder} failed to render: {e}") from None
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Ids of the chat prompt. The template already writes any BOS, so no special tokens are
+        added on top (as transformers' ``apply_chat_template(tokenize=True)``)."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+class TextStream:
+    """Incremental detokenization: feed token ids, get the new text as soon as it is complete.
+
+    The whole generated sequence is decoded each time and the part not yet returned is given
+    out, held back while it ends in an incomplete UTF-8 sequence (U+FFFD), so multi-token
+    characters and byte-level merges come out whole."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._sent = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self._sent = text[self._sent:], len(text)
+        return new
+
+    def flush(self) -> str:
+        """What is left (an incomplete character at the very end, if any)."""
+        text = self._tokenizer.decode(self._ids)
+        new, self._sent = text[self._sent:], len(text)
+        return new
