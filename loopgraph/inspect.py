@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from loopgraph.deploy.tensorrt import readiness as tensorrt_readiness
 from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
@@ -52,6 +53,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "rewrite": json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None,
         "loopgraph_version": meta.get("loopgraph.version"),
     }
+    info["tensorrt"] = tensorrt_readiness(model)  # TensorRT readiness summary (loopgraph check --target tensorrt)
     config = p.parent / "config.json"
     if config.is_file():
         info["model_type"] = json.loads(config.read_text()).get("model_type")
@@ -86,6 +88,8 @@ def format_text(info: dict[str, Any]) -> str:
             lines.append(f"    {v['name']}: {v['dtype']} {v['shape']}")
         if len(info[kind]) > 8:
             lines.append(f"    ... {len(info[kind]) - 8} more")
+    if info.get("tensorrt"):  # TensorRT readiness summary
+        lines.append(f"  TensorRT: {info['tensorrt']['summary']} (details: loopgraph check --target tensorrt)")
     if info["rewrite"]:
         lines.append(f"  loopgraph rewrite (v{info['loopgraph_version']}): " + ", ".join(f"{k}={v}" for k, v in info["rewrite"].items()))
     if info["blocks"]:

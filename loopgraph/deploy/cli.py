@@ -1,0 +1,81 @@
+"""The ``check``, ``diff`` and ``view`` subcommands (registered through ``loopgraph.cli.COMMAND_MODULES``).
+
+Imports here are light (argparse only); each command imports its module when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+TARGETS = ("tensorrt",)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from loopgraph.deploy.tensorrt import check_tensorrt, format_findings, is_ready
+    from loopgraph.onnxio import load_model, resolve_model_path
+    findings = check_tensorrt(load_model(resolve_model_path(args.model)))
+    if args.json:
+        print(json.dumps({"model": str(args.model), "target": args.target, "ready": is_ready(findings),
+                          "findings": [f.to_dict() for f in findings]}, indent=2))
+    else:
+        print(format_findings(findings, str(args.model)))
+    return 0 if is_ready(findings) else 1
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from loopgraph.deploy.diff import diff_files
+    d = diff_files(args.a, args.b)
+    print(json.dumps(d.to_dict(), indent=2) if args.json else d.format_text())
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    if args.png:
+        from loopgraph.deploy.view import render_png
+        from loopgraph.onnxio import load_model, resolve_model_path
+        out = render_png([(str(p), load_model(resolve_model_path(p))) for p in args.models], args.png)
+        print(f"wrote {out}")
+        return 0
+    from loopgraph.deploy.view import netron_servers
+    with netron_servers(args.models, port=args.port, browse=not args.no_browser) as urls:
+        for path, url in zip(args.models, urls):
+            print(f"{path}: {url}")
+        print("serving with Netron on loopback; press Ctrl-C to stop", file=sys.stderr)
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check that a graph meets a deployment target's constraints",
+                       description="Report whether a (looped) ONNX graph meets TensorRT's ONNX Loop constraints: a counted loop "
+                                   "with M, no data-dependent condition, carried tensors of one shape, static scan-output length, "
+                                   "supported data types and operators. Exit code 1 when a blocking finding (error) exists.")
+    p.add_argument("model", help="an .onnx file or an export folder")
+    p.add_argument("--target", default="tensorrt", choices=TARGETS, help="deployment target (default tensorrt)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("diff", help="summarize what changed between two ONNX graphs",
+                       description="A Loop-aware summary: blocks moved into a Loop (range, N, regularizer), nodes added by kind, "
+                                   "inputs/outputs, initializers (bytes), weight duplication, metadata. Never loads external weights.")
+    p.add_argument("a", help="the first .onnx (e.g. the original export)")
+    p.add_argument("b", help="the second .onnx (e.g. its rewrite)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("view", help="open models in Netron, or draw their block structure as a PNG",
+                       description="Serve each model with Netron on 127.0.0.1 (one port each) until Ctrl-C; or, with --png, write "
+                                   "a compact picture of the block structure (the Loop as a frame with N and the regularizer).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="one or more .onnx files (or export folders)")
+    p.add_argument("--png", metavar="OUT.png", help="write the block-structure picture instead of starting Netron (needs graphviz)")
+    p.add_argument("--port", type=int, default=0, help="first port (default: a free port per model)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    p.set_defaults(func=cmd_view)
