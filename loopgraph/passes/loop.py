@@ -2,8 +2,10 @@
 
 Handles: any range of blocks found by :mod:`loopgraph.passes.blocks` (including S = 0 and the
 full depth), every regularizer, baked or ``dynamic`` trip count and weight.
-Refuses: a model that is already looped, a KV-cache (with-past) export, opset < 13, a range
-whose intermediate tensors are read after the range (the body could not be closed).
+With-past exports: the looped blocks' caches are wired by :mod:`loopgraph.passes.kv`
+(``spec.kv``: exact per-iteration caches, or first/last-iteration approximations).
+Refuses: a model that is already looped, opset < 13, a range whose intermediate tensors are
+read after the range (the body could not be closed).
 
 How the graph is built (DESIGN §5):
 - The body is chosen by dataflow: nodes whose values depend on the range input and that feed
@@ -29,8 +31,9 @@ from onnx import helper
 from loopgraph import __version__
 from loopgraph.errors import LoopgraphError
 from loopgraph.passes.base import PassResult
-from loopgraph.passes.blocks import BlockMap, has_kv_cache
+from loopgraph.passes.blocks import BlockMap
 from loopgraph.passes.dataflow import GraphIndex
+from loopgraph.passes.kv import PRESENT_PREFIX, wire_kv
 from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name
 from loopgraph.spec import METADATA_KEY, REGULARIZERS, LoopSpec
 
@@ -73,9 +76,6 @@ def check_loopable(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> 
     """Preconditions shared by the Loop and the unroll forms."""
     if is_looped(model):
         raise LoopgraphError("the model is already looped by loopgraph; rewrite the original export instead")
-    if has_kv_cache(model):
-        raise LoopgraphError("this is a KV-cache (with-past) export, which the Loop rewrite does not "
-                             "support yet; export without --with-past")
     if default_opset(model) < MIN_OPSET:
         raise LoopgraphError(f"opset {default_opset(model)} is too old for the rewrite; "
                              f"re-export with --opset {MIN_OPSET} or newer")
@@ -89,12 +89,14 @@ def select_body(model: onnx.ModelProto, blocks: BlockMap, spec: LoopSpec) -> tup
     index = GraphIndex(model.graph)
     x0 = blocks.blocks[spec.start].input
     out = blocks.blocks[spec.end - 1].output
-    body = index.between(x0, [out])
+    body = index.between(x0, [out])  # a looped block's present feeds its attention, so it is in here
     for i in sorted(body):
         for t in index.nodes[i].output:
             if t == out or not t:
                 continue
             leak = [j for j in index.consumers.get(t, ()) if j not in body]
+            if t.startswith(PRESENT_PREFIX) and t in index.graph_outputs and not leak:
+                continue  # a looped block's cache output: becomes a Loop scan output
             if leak or t in index.graph_outputs:
                 who = index.nodes[leak[0]].name if leak else "a graph output"
                 raise LoopgraphError(
@@ -146,11 +148,15 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     body_outputs = [cond_out, x_next] + [state_out[s.name] for s in states]
     trace_names = ("y", "x") if spec.trace else ()
     body_outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(trace_names, (y, x_next))]
+    iters_dim = "loopgraph_iters" if spec.dynamic else spec.iters
+    pre, post, kv_start = BodyBuilder("init", dtype), BodyBuilder("post", dtype), BodyBuilder("kv", dtype)
+    kv_body, kv_loop = wire_kv(graph, body_nodes, spec.kv, iteration, iters_dim, b, kv_start, post)
+    body_outputs += kv_body
     body = gs.Graph(nodes=body_nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values()],
                     outputs=body_outputs, name=lg_name("body"), opset=graph.opset)
+    body.toposort()  # the regularizer and KV-slice nodes were appended after the range's nodes
 
     # Outer graph: initial states, the Loop (taking the range output's name), nothing else rewired.
-    pre = BodyBuilder("init", dtype)
     inits = {"x0": x0}
     if any(s.init == "x0_sum" for s in states):
         inits["x0_sum"] = pre.op("ReduceSum", x0, pre.const(np.array([-1], np.int64), "hidden_axis"),
@@ -158,17 +164,15 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     out.dtype, out.shape = dtype, shape
     finals = {s.name: gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in states}
     x_final = out if spec.noise_seed is None else gs.Variable(lg_name("loop", "x_final"), dtype, shape)
-    iters_dim = "loopgraph_iters" if spec.dynamic else spec.iters
     traces = [gs.Variable(lg_name("trace", n), dtype, [iters_dim, *shape]) for n in trace_names]
     loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states],
-                   outputs=[x_final, *finals.values(), *traces], attrs={"body": body})
-    post = BodyBuilder("noise", dtype)
+                   outputs=[x_final, *finals.values(), *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
         _noise_control(post, x_final, finals["r"], out, spec.noise_seed, shape)
     graph.outputs.extend(traces)
     at = graph.nodes.index(producer)
     moved = {id(n) for n in body_nodes}
-    graph.nodes = [n for n in graph.nodes[:at] if id(n) not in moved] + pre.nodes + [loop] + post.nodes + \
+    graph.nodes = kv_start.nodes + [n for n in graph.nodes[:at] if id(n) not in moved] + pre.nodes + [loop] + post.nodes + \
                   [n for n in graph.nodes[at:] if id(n) not in moved]
 
     new = gs.export_onnx(graph, do_type_check=False)
