@@ -92,7 +92,7 @@ def test_structure_of_original_and_rewrite(files):
     assert s.num_blocks == 4 and s.loop is None and len(s.block_nodes) == 4
     s = structure_of(looped, "looped.onnx")
     assert (s.num_blocks, s.loop.start, s.loop.end, s.loop.iters, s.loop.reg, s.loop.param) == (4, 1, 3, 3, "anchor", "α = 0.5")
-    assert s.loop.iters_input is None and not s.loop.kv
+    assert s.loop.iters_input is None and s.loop.kv is None
 
 
 def test_block_graph_draws_the_loop_frame(files):

@@ -2,7 +2,7 @@
 
 Reported: the Loop(s) of B that A lacks (block range, N, regularizer, from B's ``loopgraph.spec``
 metadata when present, and from node names in the Loop body otherwise), nodes moved into a Loop
-body, nodes added (by kind: interpolation, loop condition, KV gathers, noise control, traces) and
+body, nodes added (by kind: interpolation, loop condition, KV cache, noise control, traces) and
 removed, main-graph nodes whose inputs/outputs changed, inputs/outputs added/removed/retyped,
 initializers added/removed/resized (with bytes from dims x dtype), weight duplication, metadata.
 
@@ -34,9 +34,10 @@ from loopgraph.deploy.graphs import (
 )
 from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import load_model, resolve_model_path
-from loopgraph.passes.blocks import find_blocks
+from loopgraph.passes.blocks import find_blocks, has_kv_cache
 from loopgraph.passes.regularize import NAME_PREFIX
 
+_KV_NAME = re.compile(r"(past_key_values|present)\.\d+\.")
 BYTES_TOLERANCE = 0.01  # "no weight duplicated" also needs B's initializer bytes within 1 % of A's
 
 
@@ -155,9 +156,11 @@ def _kind(node: onnx.NodeProto, cond_ins: set[str], iteration_ins: set[str]) -> 
     if node.op_type == "Identity" and set(node.input) & cond_ins:
         return "loop condition"
     if node.op_type == "Gather" and set(node.input[1:]) & iteration_ins:
-        return "KV gather (per-iteration cache slice)"
+        return "KV cache"  # the body's slice of a per-iteration past
     if not node.name.startswith(NAME_PREFIX):
         return "other"
+    if _KV_NAME.search(node.name):
+        return "KV cache"  # loopgraph names KV nodes after the past/present they serve
     if node.name.startswith(NAME_PREFIX + "noise/"):
         return "noise control"
     if "/trace" in node.name:
@@ -186,6 +189,7 @@ def _describe_loop(loop: LoopInfo, a: onnx.ModelProto, b: onnx.ModelProto, moved
         info.update(source=None, start=None, end=None, reg=None, weight=None, spec_iters=None, spec=None)
     meta = {p.key: p.value for p in b.metadata_props}
     info["num_blocks"] = int(meta["loopgraph.blocks"]) if meta.get("loopgraph.blocks", "").isdigit() else None
+    info["kv"] = (spec.kv if spec is not None else "unknown") if has_kv_cache(b) else None
     return info
 
 
@@ -270,6 +274,8 @@ def _data_identity(t: onnx.TensorProto) -> str:
     if t.data_location == onnx.TensorProto.EXTERNAL:
         ref = {e.key: e.value for e in t.external_data}
         return f"external:{ref.get('location')}:{ref.get('offset', '0')}:{ref.get('length', '')}"
+    if t.raw_data:  # the usual case: hash the bytes without copying the tensor
+        return "sha1:" + hashlib.sha1(t.raw_data).hexdigest()
     data = onnx.TensorProto()
     data.CopyFrom(t)
     data.name = ""
@@ -348,7 +354,8 @@ def _format(d: ModelDiff) -> list[str]:
         lines.append("Loop:")
         for lp in d.loops:
             lines.append(_loop_line(lp))
-            lines.append(f"  body: {lp['body_nodes']} nodes, {lp['carried']} carried value(s), {lp['scan_outputs']} scan output(s)")
+            kv = f"; KV cache: {lp['kv']}" if lp["kv"] else ""
+            lines.append(f"  body: {lp['body_nodes']} nodes, {lp['carried']} carried value(s), {lp['scan_outputs']} scan output(s){kv}")
     w, init = d.weights, d.initializers
     sign = "+" if init["b_bytes"] >= init["a_bytes"] else "-"
     size = (f"initializer bytes {init['a_bytes']:,} -> {init['b_bytes']:,} ({sign}{_bytes(abs(init['b_bytes'] - init['a_bytes']))}, "

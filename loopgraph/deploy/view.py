@@ -31,7 +31,7 @@ import onnx
 from loopgraph.deploy.graphs import all_graphs, loops, spec_of
 from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import atomic_path, resolve_model_path
-from loopgraph.passes.blocks import find_blocks
+from loopgraph.passes.blocks import find_blocks, has_kv_cache
 from loopgraph.passes.regularize import NAME_PREFIX
 
 HOST = "127.0.0.1"  # loopback only: a model is not published on the network
@@ -131,7 +131,7 @@ class LoopPart:
     reg: str
     param: str | None  # "α = 0.5", "K = 2" or None
     body_nodes: int
-    kv: bool  # the body slices a per-iteration KV cache
+    kv: str | None  # the KV-cache mode of a with-past export
     noise: bool
     trace: bool
 
@@ -162,8 +162,7 @@ def structure_of(model: onnx.ModelProto, label: str) -> Structure:
     lp = ours[0]
     meta = {p.key: p.value for p in model.metadata_props}
     num_blocks = int(meta["loopgraph.blocks"]) if meta.get("loopgraph.blocks", "").isdigit() else spec.end
-    iteration = lp.body.input[0].name
-    kv = any(n.op_type == "Gather" and iteration in n.input[1:] for g in all_graphs(lp.body) for n in g.node)
+    kv = spec.kv if has_kv_cache(model) else None
     param = f"α = {spec.alpha:g}" if spec.alpha is not None else f"K = {spec.k:g}" if spec.k is not None else None
     part = LoopPart(spec.start, spec.end, spec.iters, None if lp.trip_value is not None else lp.trip_count, spec.reg,
                     param, sum(len(g.node) for g in all_graphs(lp.body)), kv, spec.noise_seed is not None, spec.trace)
@@ -208,7 +207,7 @@ def _draw_loop(m, lp: LoopPart, p: str, prev: str) -> str:
     """The frame around blocks [start, end) and the interpolation; returns the node leaving it."""
     n = f"N = {lp.iters}" + (f" (default; input {lp.iters_input})" if lp.iters_input else "")
     reg = lp.reg + (f", {lp.param}" if lp.param else "")
-    extras = [x for x, on in (("per-iteration KV cache", lp.kv), ("trace outputs", lp.trace)) if on]
+    extras = [x for x, on in ((f"KV cache {lp.kv}", lp.kv), ("trace outputs", lp.trace)) if on]
     with m.subgraph(name=f"cluster_{p}_loop") as c:
         c.attr(label=f"Loop: {n}, {reg}\n{lp.body_nodes} body nodes" + "".join(f", {x}" for x in extras),
                style="rounded,bold", color="#1f5fbf", fontcolor="#1f5fbf", labeljust="l")
