@@ -23,6 +23,7 @@ from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.runtime.cli",
     "loopgraph.deploy.cli",
+    "loopgraph.eval.cli",
 )
 
 
@@ -50,7 +51,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     start, end = parse_range(args.range)
     return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
-                    kv=args.kv, dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace)
+                    kv=args.kv, dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace,
+                    unroll=args.unroll)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -58,11 +60,15 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     t0 = time.time()
     spec = spec_from_args(args)
     result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights)
-    loop = result.reports.get("wrap-in-loop", {})
-    print(f"looped blocks {result.spec.start}:{result.spec.end} of {len(result.blocks)} "
-          f"x{result.spec.iters} ({result.spec.reg}{'' if result.spec.weight is None else f', weight {result.spec.weight:g}'}"
-          f"{', dynamic' if result.spec.dynamic else ''}): {loop.get('body_nodes', '?')} nodes in the Loop body, "
-          f"{loop.get('regularizer_nodes', '?')} regularizer nodes")
+    s = result.spec
+    report = result.reports["unroll" if s.unroll else "wrap-in-loop"]
+    how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
+           f"{', kv ' + s.kv if report['kv'] else ''}")
+    if s.unroll:
+        detail = f"{report['copied_nodes']} nodes in {s.iters} straight-line copies"
+    else:
+        detail = f"{report['body_nodes']} nodes in the Loop body, {report['regularizer_nodes']} regularizer nodes"
+    print(f"looped blocks {s.start}:{s.end} of {len(result.blocks)} x{s.iters} ({how}): {detail}")
     print(f"wrote {result.path} in {time.time() - t0:.1f} s")
     return 0
 
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
     p.add_argument("--noise-control", type=_positive_int, metavar="SEED",
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
+    p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
     p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
     p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")

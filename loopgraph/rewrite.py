@@ -15,6 +15,7 @@ from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, extern
 from loopgraph.passes.base import Pass, PassResult, run_passes
 from loopgraph.passes.blocks import BlockMap, find_blocks
 from loopgraph.passes.loop import is_looped, wrap_in_loop
+from loopgraph.passes.unroll import unroll
 from loopgraph.spec import LoopSpec
 
 SOURCE_KEY = "loopgraph.source"
@@ -41,6 +42,7 @@ def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelPro
     resolved = spec.resolve(len(blocks), blocks.strategy)
     pipeline = [
         Pass("find-blocks", lambda m: PassResult(m, False, {"blocks": len(blocks), "strategy": blocks.strategy})),
+        Pass("unroll", lambda m: unroll(m, resolved, blocks)) if resolved.unroll else
         Pass("wrap-in-loop", lambda m: wrap_in_loop(m, resolved, blocks)),
     ]
     new, results = run_passes(model, pipeline)

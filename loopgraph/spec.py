@@ -66,6 +66,7 @@ class LoopSpec:
     dynamic: bool = False
     noise_seed: int | None = None  # noise control: replace x_N by r + noise of norm |x_N - r|
     trace: bool = False  # expose y_t and x_t of every iteration as Loop scan outputs
+    unroll: bool = False  # N straight-line copies of the range instead of a Loop
 
     def __post_init__(self) -> None:
         if self.reg not in REGULARIZERS:
@@ -141,6 +142,8 @@ class LoopSpec:
             s += f"-noise{self.noise_seed}"
         if self.trace:
             s += "-trace"
+        if self.unroll:
+            s += "-unrolled"
         return s
 
     def to_json(self) -> str:

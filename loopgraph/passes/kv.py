@@ -21,16 +21,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from loopgraph.passes.regularize import BodyBuilder, lg_name
+from loopgraph.passes.regularize import BodyBuilder, lg_name, replace_tensor
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-
-
-def _swap(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, t in enumerate(tensors):
-        if t is old:
-            tensors[i] = new
 
 
 def wire_kv(graph: gs.Graph, body_nodes: list[gs.Node], mode: str, iteration: gs.Variable, iters_dim,
@@ -49,20 +43,20 @@ def wire_kv(graph: gs.Graph, body_nodes: list[gs.Node], mode: str, iteration: gs
             sliced = body.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:],
                              name=f"{past.name}/iteration")
             for node in inner_readers:
-                _swap(node.inputs, past, sliced)
+                replace_tensor(node.inputs, past, sliced)
             if outer_readers:  # e.g. Shape(past) for the past length: iteration 0 has it
                 first = outer_pre.op("Gather", past, outer_pre.const(np.array(0, np.int64), f"{past.name}/zero"),
                                      attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
                 for node in outer_readers:
-                    _swap(node.inputs, past, first)
+                    replace_tensor(node.inputs, past, first)
 
     body_scan, loop_scan = [], []
     for present in present_outputs:
         inner = gs.Variable(lg_name("body", present.name), present.dtype, present.shape)
         producer = present.inputs[0]
         for node in [c for c in present.outputs if id(c) in in_body]:
-            _swap(node.inputs, present, inner)
-        _swap(producer.outputs, present, inner)
+            replace_tensor(node.inputs, present, inner)
+        replace_tensor(producer.outputs, present, inner)
         body_scan.append(inner)
         stacked_shape = [iters_dim, *(present.shape or [])]
         if mode == "exact":

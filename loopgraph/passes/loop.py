@@ -12,7 +12,7 @@ How the graph is built (DESIGN §5):
   the range output. Nodes in the range that do not (constants, rotary cos/sin, the causal mask
   built from ``Shape(h)``) stay in the main graph and the body reads them from the outer scope.
 - Weights stay main-graph initializers read by the body (outer-scope capture); the body holds
-  no initializers at all (:func:`_fix_subgraph_scope` repairs onnx-graphsurgeon's export).
+  no initializers at all (:func:`fix_subgraph_scope` repairs onnx-graphsurgeon's export).
 - ``Loop(M, cond="", x0, states...)``: M is always given (TensorRT defines the iteration
   counter only then), cond is empty, the body returns ``Identity(cond_in)``.
 - The Loop output takes the range output's name, so nothing downstream is rewired; the body's
@@ -34,7 +34,7 @@ from loopgraph.passes.base import PassResult
 from loopgraph.passes.blocks import BlockMap
 from loopgraph.passes.dataflow import GraphIndex
 from loopgraph.passes.kv import PRESENT_PREFIX, wire_kv
-from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name
+from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name, replace_tensor
 from loopgraph.spec import METADATA_KEY, REGULARIZERS, LoopSpec
 
 MIN_OPSET = 13
@@ -49,7 +49,7 @@ def param_name(reg: str) -> str | None:
 
 def is_looped(model: onnx.ModelProto) -> bool:
     return any(p.key == METADATA_KEY for p in model.metadata_props) or any(
-        n.op_type == "Loop" and n.name.startswith(lg_name("")) for n in model.graph.node
+        n.name.startswith(lg_name("")) for n in model.graph.node
     )
 
 
@@ -57,7 +57,7 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _hidden_type(model: onnx.ModelProto, name: str) -> tuple[np.dtype, list]:
+def hidden_type(model: onnx.ModelProto, name: str) -> tuple[np.dtype, list]:
     """dtype and symbolic shape of the residual stream tensor ``name``."""
     infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
     if name not in infos:
@@ -110,8 +110,10 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     """Return a new model with blocks ``[spec.start, spec.end)`` inside a Loop. ``model`` is
     not modified. The model may be weight-less (stubs from :func:`onnxio.detach_weights`)."""
     check_loopable(model, spec, blocks)
+    if spec.unroll:
+        raise ValueError("wrap_in_loop() got a spec with unroll=True; use passes.unroll.unroll()")
     x0_name, out_name, body_ids = select_body(model, blocks, spec)
-    dtype, shape = _hidden_type(model, x0_name)
+    dtype, shape = hidden_type(model, x0_name)
 
     graph = gs.import_onnx(model)
     if len(graph.nodes) != len(model.graph.node):
@@ -125,7 +127,7 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     params = {ITERS_NAME: np.array(spec.iters, np.int64)}
     if weight_value is not None:
         params[param_name(spec.reg)] = np.array(weight_value, dtype)
-    outer = {name: _scalar_param(graph, name, value, spec.dynamic) for name, value in params.items()}
+    outer = {name: scalar_param(graph, name, value, spec.dynamic) for name, value in params.items()}
     iters, weight = outer[ITERS_NAME], outer.get(param_name(spec.reg))
 
     # Body inputs: iteration number, condition, x_{t-1} and the regularizer's carried states.
@@ -138,10 +140,10 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
 
     # y_t = B(x_{t-1}): the range's own nodes, reading x_prev instead of x0.
     for node in body_nodes:
-        _replace(node.inputs, x0, x_prev)
+        replace_tensor(node.inputs, x0, x_prev)
     y = gs.Variable(lg_name("body", "y"), dtype, shape)
     producer = out.inputs[0]
-    _replace(producer.outputs, out, y)
+    replace_tensor(producer.outputs, out, y)
 
     x_next, state_out = build_update(b, spec.reg, iteration, y, x_prev, state_in, weight, shape)
     cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
@@ -168,7 +170,7 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states],
                    outputs=[x_final, *finals.values(), *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
-        _noise_control(post, x_final, finals["r"], out, spec.noise_seed, shape)
+        noise_control(post, x_final, finals["r"], out, spec.noise_seed, shape)
     graph.outputs.extend(traces)
     at = graph.nodes.index(producer)
     moved = {id(n) for n in body_nodes}
@@ -176,19 +178,20 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
                   [n for n in graph.nodes[at:] if id(n) not in moved]
 
     new = gs.export_onnx(graph, do_type_check=False)
-    _fix_subgraph_scope(new)
-    _restore_model_fields(new, model)
+    fix_subgraph_scope(new)
+    restore_model_fields(new, model)
     if spec.dynamic:  # a graph input with a same-named initializer is an overridable default
         new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in params.items())
-    _record_spec(new, spec, blocks)
-    _check_postconditions(new)
+    record_spec(new, spec, blocks)
+    check_postconditions(new)
     report = {"range": f"{spec.start}:{spec.end}", "blocks": len(blocks), "iters": spec.iters, "reg": spec.reg,
               "body_nodes": len(body_nodes), "regularizer_nodes": len(b.nodes), "dynamic": spec.dynamic,
+              "kv": spec.kv if kv_loop else None,
               "range_input": x0_name, "range_output": out_name}
     return PassResult(new, True, report)
 
 
-def _noise_control(b: BodyBuilder, x_final: gs.Tensor, r: gs.Tensor, out: gs.Variable, seed: int, shape: list) -> None:
+def noise_control(b: BodyBuilder, x_final: gs.Tensor, r: gs.Tensor, out: gs.Variable, seed: int, shape: list) -> None:
     """``out = r + e * |x_N - r| / |e|`` per token, ``e = sin(r W)`` (see :mod:`loopgraph.spec`)."""
     dt, hidden, token = b.dtype, shape[-1], list(shape[:-1]) + [1]
     w = gs.Constant(lg_name("noise", "W"), np.random.default_rng(seed).standard_normal((hidden, hidden)).astype(dt))
@@ -207,14 +210,7 @@ def _noise_control(b: BodyBuilder, x_final: gs.Tensor, r: gs.Tensor, out: gs.Var
                            inputs=[r, b.op("Mul", e, scale, dtype=dt, shape=shape, name="noise")], outputs=[out]))
 
 
-def _replace(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Swap ``old`` for ``new`` by identity (gs keeps producer/consumer links in sync)."""
-    for i, t in enumerate(tensors):
-        if t is old:
-            tensors[i] = new
-
-
-def _scalar_param(graph: gs.Graph, name: str, value: np.ndarray, dynamic: bool) -> gs.Tensor:
+def scalar_param(graph: gs.Graph, name: str, value: np.ndarray, dynamic: bool) -> gs.Tensor:
     if dynamic:
         var = gs.Variable(name, value.dtype, [])
         graph.inputs.append(var)
@@ -222,7 +218,7 @@ def _scalar_param(graph: gs.Graph, name: str, value: np.ndarray, dynamic: bool) 
     return gs.Constant(name, value)
 
 
-def _fix_subgraph_scope(model: onnx.ModelProto) -> None:
+def fix_subgraph_scope(model: onnx.ModelProto) -> None:
     """The one place that repairs onnx-graphsurgeon's export of subgraphs.
 
     gs writes every constant a body reads into that body as a body initializer, and value_info
@@ -251,7 +247,7 @@ def _bodies(graph: onnx.GraphProto):
                 yield from _bodies(attr.g)
 
 
-def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
+def restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
     new.ir_version = old.ir_version
     del new.opset_import[:]
     new.opset_import.extend(old.opset_import)
@@ -263,14 +259,14 @@ def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
         new.functions.extend(old.functions)
 
 
-def _record_spec(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> None:
+def record_spec(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> None:
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                    METADATA_KEY: spec.to_json(),
                                    "loopgraph.version": __version__,
                                    "loopgraph.blocks": str(len(blocks))})
 
 
-def _check_postconditions(model: onnx.ModelProto) -> None:
+def check_postconditions(model: onnx.ModelProto) -> None:
     outer = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
     outer |= {o for n in model.graph.node for o in n.output}
     for body in _bodies(model.graph):

@@ -20,6 +20,14 @@ def lg_name(*parts: str) -> str:
     return NAME_PREFIX + "/".join(parts)
 
 
+def replace_tensor(tensors: list, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Swap ``old`` for ``new`` in a node's inputs or outputs, by identity (gs compares tensors
+    by name; gs keeps producer/consumer links in sync on item assignment)."""
+    for i, t in enumerate(tensors):
+        if t is old:
+            tensors[i] = new
+
+
 class BodyBuilder:
     """Appends nodes to a list, naming each output ``loopgraph/<scope>/<op>_<k>``."""
 
@@ -77,7 +85,9 @@ def build_update(b: BodyBuilder, reg: str, iteration: gs.Tensor, y: gs.Tensor, x
     if reg == "naive" and not states:
         return y, {}
     one = b.const(np.array(1, dt), "one")
-    first = b.op("Equal", iteration, b.const(np.array(0, np.int64), "zero_i64"), dtype=np.bool_, shape=[], name="is_first")
+    first = None  # uniform's weight 1/t needs no "is t = 1" test: emit it only where read
+    if reg != "uniform" or states:
+        first = b.op("Equal", iteration, b.const(np.array(0, np.int64), "zero_i64"), dtype=np.bool_, shape=[], name="is_first")
     x_next, new_states = _update(b, reg, first, one, iteration, y, x_prev, states, weight, shape)
     if "r" in states and "r" not in new_states:  # carried only for the noise control
         new_states["r"] = b.op("Where", first, y, states["r"], dtype=dt, shape=shape, name="r")
