@@ -30,11 +30,10 @@ def test_optimum_exports(tiny, arch):
 
 
 def _wrapper_exports(ckpt, out, dynamo):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import optimum.exporters.onnx.model_configs  # noqa: F401
+    import torch
     from optimum.exporters.tasks import TasksManager
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
 

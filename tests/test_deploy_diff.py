@@ -25,20 +25,20 @@ def golden(spec: LoopSpec) -> str:
     # Reviewed by hand against the fixture (tiny Llama: 4 blocks, hidden 64, vocab 384, untied head):
     # - weights: 384*64*2 + 4*(64*64*2 + 64*32*2 + 64*128*3 + 64*2) + 64 = 197,184 floats = 788,736 B;
     #   the rewrite adds only the trip count loopgraph/iters (int64 scalar, 8 B).
-    # - 1094 = 791 - 1 (the Loop) + 304 (moved); body 316 = 304 moved + 11 uniform-update + 1 cond node;
-    #   uniform's update is a = 1/(iteration+1) (Constant one, Constant 1, Add, Cast, Div), the
-    #   interpolation (Sub, Mul, Mul, Add), the shared is_first test (Constant 0, Equal).
+    # - 1094 = 791 - 1 (the Loop) + 304 (moved); body 314 = 304 moved + 9 uniform-update + 1 cond node;
+    #   uniform's update is a = 1/(iteration+1) (Constant one, Constant 1, Add, Cast, Div) and the
+    #   interpolation (Sub, Mul, Mul, Add); uniform needs no is_first test.
     return f"""\
 loopgraph diff model.onnx -> looped.onnx
 Loop:
   blocks 1..2 (range 1:3 of 4) moved into Loop loopgraph/loop, applied 3x, regularizer uniform [from loopgraph.spec; node names agree]
-  body: 316 nodes, 1 carried value(s), 0 scan output(s)
+  body: 314 nodes, 1 carried value(s), 0 scan output(s)
 weights: no weight duplicated; initializer bytes 788,736 -> 788,744 (+8 B, +0.00%)
-nodes: 1094 -> 791 in the main graph (+ 316 in subgraphs)
+nodes: 1094 -> 791 in the main graph (+ 314 in subgraphs)
   moved into a Loop body: 304 nodes
-  added: 13 nodes
+  added: 11 nodes
     Loop: 1
-    interpolation: 11 (Add 2, Cast 1, Constant 3, Div 1, Equal 1, Mul 2, Sub 1)
+    interpolation: 9 (Add 2, Cast 1, Constant 2, Div 1, Mul 2, Sub 1)
     loop condition: 1 (Identity 1)
 inputs: unchanged
 outputs: unchanged
