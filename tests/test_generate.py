@@ -30,12 +30,12 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def lm_for(model, folder: Path) -> CausalLM:
+def lm_for(model, folder: Path, iters: int | None = None) -> CausalLM:
     """A CausalLM on the CPU provider with one thread: a path, or a ModelProto with the export's config."""
     session = open_session(model, device="cpu", threads=1)
     if isinstance(model, (str, Path)):
-        return open_lm(session, folder)
-    return CausalLM.from_session(session, json.loads((folder / "config.json").read_text()))
+        return open_lm(session, folder, iters)
+    return CausalLM.from_session(session, json.loads((folder / "config.json").read_text()), iters)
 
 
 def greedy(lm: CausalLM, prompts=PROMPTS, n: int = 16) -> Generation:

@@ -129,15 +129,15 @@ def reference_logits(model: nn.Module, spec: LoopSpec | None, input_ids, attenti
 
 
 def reference_generate(model: nn.Module, spec: LoopSpec | None, input_ids, attention_mask, max_new_tokens: int,
-                       **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                       **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hugging Face ``generate`` (greedy unless ``generate_kwargs`` say otherwise) with the KV
     cache on the looped model (the plain model when ``spec`` is None): the eager PyTorch
     counterpart of ``loopgraph generate``. Returns the new tokens [batch, steps] and the raw
-    next-token logits of every step [batch, steps, vocab]."""
+    next-token logits of every step [batch, steps, vocab] (None with ``output_logits=False``)."""
     ids = torch.as_tensor(input_ids)
     mask = torch.as_tensor(attention_mask)
-    generate_kwargs.setdefault("do_sample", False)
+    kwargs = {"do_sample": False, "output_logits": True, **generate_kwargs}
     with torch.no_grad(), (looped(model, spec) if spec else contextlib.nullcontext()):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
-                             return_dict_in_generate=True, output_logits=True, **generate_kwargs)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+                             return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1) if out.logits is not None else None

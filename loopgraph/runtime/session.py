@@ -75,9 +75,15 @@ class Session:
     device: str
     providers: list[str]
 
+    def _inputs(self) -> list:
+        # graph inputs with a default (an initializer of the same name, e.g. loopgraph/iters of a
+        # --dynamic file) are not in get_inputs(): ORT lists them as overridable initializers
+        return [*self.ort_session.get_inputs(), *self.ort_session.get_overridable_initializers()]
+
     @property
     def input_names(self) -> list[str]:
-        return [i.name for i in self.ort_session.get_inputs()]
+        """Every input that can be fed, those with a default value included."""
+        return [i.name for i in self._inputs()]
 
     @property
     def output_names(self) -> list[str]:
@@ -85,7 +91,8 @@ class Session:
 
     @property
     def inputs(self) -> dict[str, TensorInfo]:
-        return {i.name: TensorInfo(i.name, tuple(i.shape), i.type) for i in self.ort_session.get_inputs()}
+        """Every input that can be fed, those with a default value included."""
+        return {i.name: TensorInfo(i.name, tuple(i.shape), i.type) for i in self._inputs()}
 
     @property
     def outputs(self) -> dict[str, TensorInfo]:
@@ -108,7 +115,7 @@ class Session:
         return dict(zip(outputs, arrays))
 
     def to_device(self, array: np.ndarray) -> Any:
-        """An ``OrtValue`` holding ``array`` on :attr:`io_device`."""
+        """An ``OrtValue`` holding ``array`` on :attr:`io_device` (on the CPU it wraps ``array``'s memory)."""
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, 0)
 
     def run_bound(self, feeds: Mapping[str, Any], outputs: Sequence[str], to_host: Sequence[str] = ()) -> dict[str, Any]:
@@ -119,15 +126,17 @@ class Session:
         ort = _ort()
         inputs = self.inputs
         binding = self.ort_session.io_binding()
+        held = []  # OrtValues on the CPU wrap numpy memory: keep both alive until the run is done
         for name, value in feeds.items():
             if name not in inputs:
                 continue
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            elif np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.integer):
-                binding.bind_cpu_input(name, np.asarray(value))
-            else:
-                binding.bind_ortvalue_input(name, self.to_device(np.asarray(value)))
+            if not isinstance(value, ort.OrtValue):
+                array = np.ascontiguousarray(value)
+                on_host = array.ndim == 0 and np.issubdtype(array.dtype, np.integer)
+                # an OrtValue, not bind_cpu_input: that one cannot bind inputs that have a default
+                value = ort.OrtValue.ortvalue_from_numpy(array, "cpu" if on_host else self.io_device, 0)
+                held.append((array, value))
+            binding.bind_ortvalue_input(name, value)
         for name in outputs:
             binding.bind_output(name, self.io_device, 0)
         self.ort_session.run_with_iobinding(binding)
