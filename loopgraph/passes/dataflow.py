@@ -26,18 +26,21 @@ class GraphIndex:
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.reads = [_node_reads(node) for node in self.nodes]
+        self._parents: list[list[int]] | None = None  # producer node indices per node, built on first use
         for i, node in enumerate(self.nodes):
             for t in node.output:
                 if t:
                     self.producer[t] = i
-            for t in _node_reads(node):
+            for t in self.reads[i]:
                 self.consumers[t].append(i)
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}
         self.initializers = {t.name for t in graph.initializer}
 
-    def value_dependents(self, sources: Iterable[str]) -> set[int]:
-        """Nodes whose output values depend on any of ``sources`` (not through Shape/Size)."""
+    def value_dependents(self, sources: Iterable[str], within: set[int] | None = None) -> set[int]:
+        """Nodes whose output values depend on any of ``sources`` (not through Shape/Size),
+        optionally only walking through the nodes in ``within``."""
         seen: set[int] = set()
         stack = list(sources)
         visited_t: set[str] = set()
@@ -47,7 +50,7 @@ class GraphIndex:
                 continue
             visited_t.add(t)
             for i in self.consumers.get(t, ()):
-                if i in seen or self.nodes[i].op_type in SHAPE_ONLY_OPS:
+                if i in seen or self.nodes[i].op_type in SHAPE_ONLY_OPS or (within is not None and i not in within):
                     continue
                 seen.add(i)
                 stack.extend(o for o in self.nodes[i].output if o)
@@ -55,15 +58,15 @@ class GraphIndex:
 
     def ancestors(self, targets: Iterable[str]) -> set[int]:
         """Nodes that any of ``targets`` depends on (including their producers)."""
-        seen: set[int] = set()
-        stack = list(targets)
+        if self._parents is None:
+            self._parents = [[self.producer[t] for t in reads if t in self.producer] for reads in self.reads]
+        stack = [self.producer[t] for t in targets if t in self.producer]
+        seen = set(stack)
         while stack:
-            t = stack.pop()
-            i = self.producer.get(t)
-            if i is None or i in seen:
-                continue
-            seen.add(i)
-            stack.extend(_node_reads(self.nodes[i]))
+            for j in self._parents[stack.pop()]:
+                if j not in seen:
+                    seen.add(j)
+                    stack.append(j)
         return seen
 
     def dynamic_tensors(self) -> set[str]:
@@ -92,7 +95,7 @@ class GraphIndex:
         per-iteration wiring too). ``Shape(source)`` itself stays outside: it is the same in
         every iteration."""
         feeding = self.ancestors(targets)
-        body = self.value_dependents([source]) & feeding
+        body = self.value_dependents([source], within=feeding)
         stack = list(body)
         while stack:
             for t in self.nodes[stack.pop()].output:
