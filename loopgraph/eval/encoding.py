@@ -1,0 +1,138 @@
+"""From request strings to token ids, with lm-evaluation-harness's rules for causal models.
+
+- :func:`encode_pair`: trailing whitespace of the context moves to the continuation; then
+  ``whole = encode(context + continuation)``, ``ctx = encode(context)`` and the continuation
+  tokens are ``whole[len(ctx):]`` (joint tokenisation, which matters for BPE merges at the
+  boundary). An empty context becomes ``[prefix token]`` (BOS if the tokenizer has one, else EOS).
+- :func:`rolling_windows`: lm-eval's ``loglikelihood_rolling`` windows with ``context_len=1``
+  (``get_rolling_token_windows`` followed by ``make_disjoint_window``).
+- :func:`model_input`: the row a request feeds, ``(ctx + cont)[-(max_length + 1):][:-1]``
+  (left truncation), and how many of its last positions are scored.
+
+``encode`` uses the tokenizer's default special-token handling, so BOS is present exactly when
+the tokenizer adds it by default (SmolLM2's does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loopgraph.errors import LoopgraphError
+
+Encode = Callable[[str], list[int]]
+TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
+_HUGE = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
+
+
+def encode_pair(context: str, continuation: str, encode: Encode, prefix_id: int) -> TokenRequest:
+    if context == "":
+        return [prefix_id], encode(continuation)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_length: int) -> list[TokenRequest]:
+    """Disjoint (context, prediction) windows covering every token once. The first is fed
+    ``[prefix] + tokens[:L-1]`` to predict ``tokens[:L]`` (context ``[prefix]``); each later one
+    predicts the next ``L`` tokens (the last one: what is left) and is fed the ``L`` tokens before
+    its last target, of which those before its first target are the context (one token for a
+    full window, more for the last, partial one)."""
+    if max_length < 1:
+        raise ValueError("max_length must be >= 1")
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix_id], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        fed = tokens[end - max_length - 1:end - 1]  # lm-eval's window input; end > L, so the start is >= 0
+        windows.append((fed[:len(fed) - n + 1], tokens[end - n:end]))
+        done = end
+    return windows
+
+
+def model_input(request: TokenRequest, max_length: int) -> tuple[list[int], int]:
+    """The ids fed for ``request`` and the number of scored positions at their end."""
+    ctx, cont = request
+    if len(cont) > max_length:
+        raise LoopgraphError(f"a continuation of {len(cont)} tokens does not fit the model's max_length {max_length}; "
+                             "lower --limit to skip it or raise --max-length")
+    return (ctx + cont)[-(max_length + 1):][:-1], len(cont)
+
+
+def config_max_length(config: dict[str, Any], tokenizer_config: dict[str, Any] | None = None) -> tuple[int, str]:
+    """lm-eval's ``max_length``: the first of ``n_positions``, ``max_position_embeddings``, ``n_ctx`` in the
+    model config, else the tokenizer's ``model_max_length`` (unless it is transformers' "no limit"), else 2048.
+    Returns the value and where it came from."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return config[key], f"config.json {key}"
+    mml = (tokenizer_config or {}).get("model_max_length")
+    if isinstance(mml, int) and mml != _HUGE:
+        return mml, "tokenizer_config.json model_max_length"
+    return DEFAULT_MAX_LENGTH, "lm-eval's default"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+@dataclasses.dataclass
+class FolderTokenizer:
+    """The export folder's ``tokenizer.json`` read with the ``tokenizers`` library (no transformers).
+
+    ``prefix_id``: the ``bos_token`` of ``tokenizer_config.json`` (or ``special_tokens_map.json``),
+    else its ``eos_token``, else ``config.json``'s ``bos_token_id``/``eos_token_id``."""
+    tokenizer: Any  # tokenizers.Tokenizer
+    prefix_id: int
+    path: Path
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> FolderTokenizer:
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise LoopgraphError(f"{folder} has no tokenizer.json, so the benchmark text cannot be tokenized; "
+                                 "evaluate a model written by loopgraph export/rewrite, or copy the checkpoint's tokenizer.json next to it")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise LoopgraphError("the tokenizers library is not installed; pip install 'loopgraph[cpu]'") from None
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise LoopgraphError(f"{path} could not be loaded by the tokenizers library: {str(e).splitlines()[0]}") from None
+        special = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        config = _read_json(folder / "config.json")
+        for key in ("bos_token", "eos_token"):
+            text = _token_text(special.get(key))
+            if text is not None and tok.token_to_id(text) is not None:
+                return cls(tok, tok.token_to_id(text), path)
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(config.get(key), int):
+                return cls(tok, config[key], path)
+        raise LoopgraphError(f"{folder}: no BOS or EOS token in tokenizer_config.json or config.json, so there is no prefix token "
+                             "for empty contexts; add bos_token to tokenizer_config.json")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
