@@ -170,3 +170,31 @@ def test_refusals(tiny, original):
     with pytest.raises(LoopgraphError):
         rewrite(original, LoopSpec(3, 1))
     assert original.SerializeToString() == original_bytes  # a refused rewrite leaves the model untouched
+
+
+def test_fix_subgraph_scope_moves_captured_weights_to_the_main_graph():
+    """onnx-graphsurgeon writes a constant that a Loop body reads into the body; the fix moves it
+    back to the main graph (one copy, read through the outer scope) and ORT runs the result."""
+    import onnx_graphsurgeon as gs
+
+    from loopgraph.passes.loop import fix_subgraph_scope
+
+    w = gs.Constant("w", np.arange(4, dtype=np.float32).reshape(2, 2))
+    x = gs.Variable("x", np.float32, [2, 2])
+    it, cond = gs.Variable("it", np.int64, []), gs.Variable("cond", np.bool_, [])
+    h, h2, c2 = gs.Variable("h", np.float32, [2, 2]), gs.Variable("h2", np.float32, [2, 2]), gs.Variable("c2", np.bool_, [])
+    body = gs.Graph(nodes=[gs.Node("MatMul", inputs=[h, w], outputs=[h2]), gs.Node("Identity", inputs=[cond], outputs=[c2])],
+                    inputs=[it, cond, h], outputs=[c2, h2], name="body")
+    y = gs.Variable("y", np.float32, [2, 2])
+    graph = gs.Graph(nodes=[gs.Node("Loop", inputs=[gs.Constant("M", np.array(3, np.int64)), gs.Variable.empty(), x], outputs=[y],
+                                    attrs={"body": body})], inputs=[x], outputs=[y], opset=18)
+    model = gs.export_onnx(graph)
+    loop_body = model.graph.node[0].attribute[0].g
+    assert [t.name for t in loop_body.initializer] == ["w"]  # what gs does
+    assert "w" not in {t.name for t in model.graph.initializer}
+    fix_subgraph_scope(model)
+    assert not loop_body.initializer and [t.name for t in model.graph.initializer].count("w") == 1
+    onnx.checker.check_model(model, full_check=True)
+    got = open_session(model).run({"x": np.eye(2, dtype=np.float32)})["y"]
+    wv = np.arange(4, dtype=np.float32).reshape(2, 2)
+    assert np.array_equal(got, wv @ wv @ wv)
