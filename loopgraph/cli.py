@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.runtime.cli",
     "loopgraph.deploy.cli",
     "loopgraph.eval.cli",
+    "loopgraph.experiments.cli",
 )
 
 

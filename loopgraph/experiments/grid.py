@@ -1,0 +1,158 @@
+"""The cells of a sweep: every (block range, N, regularizer) to score, and how they group into
+units of work that share one ``--dynamic`` rewrite.
+
+A regularizer changes the graph's structure, N and its weight (alpha or K) do not: with
+``dynamic=True`` they are graph inputs (``loopgraph/iters``, ``loopgraph/alpha``/``loopgraph/k``).
+So a :class:`Unit` is one (range, regularizer): one rewrite and one ORT session score all its
+cells, each fed its own N and weight.
+
+Grammar (the ``sweep`` options):
+
+- ``--ranges all``: every ``S:E`` with ``0 <= S < E <= L``; ``width=K``: every ``S:S+K``;
+  ``S:E,S:E,...``: the ranges given (Python slice rules, as ``--range``). ``stride=D`` (for
+  ``all`` and ``width=K`` only) keeps starts that are multiples of D and, for ``all``, ends that
+  are multiples of D or L.
+- ``--iters 1,2,3``: N values, 1..64.
+- ``--reg uniform,naive,anchor:0.3,damped:4``: regularizers, with an optional weight (alpha for
+  ema/anchor, K for damped); without one the regularizer's default is used.
+
+Refused (one-line errors): empty or malformed lists, a width outside 1..L, a stride below 1, a
+range outside the model's blocks, a weight on a regularizer that takes none, duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from loopgraph.errors import LoopgraphError
+from loopgraph.spec import MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
+
+_WIDTH_RE = re.compile(r"^width=(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Reg:
+    """A regularizer with its weight: ``alpha`` for ema/anchor, ``k`` for damped, else None."""
+    name: str
+    weight: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.weight is None else f"{self.name}:{self.weight:g}"
+
+    def spec(self, start: int, end: int, iters: int, dynamic: bool = True) -> LoopSpec:
+        param = REGULARIZERS[self.name]
+        return LoopSpec(start, end, iters=iters, reg=self.name, dynamic=dynamic,
+                        alpha=self.weight if param == "alpha" else None, k=self.weight if param == "k" else None)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Cell:
+    """One point of the sweep: blocks ``[start, end)`` applied ``iters`` times with ``reg``."""
+    start: int
+    end: int
+    iters: int
+    reg: Reg
+
+    @property
+    def unit_key(self) -> tuple[int, int, str]:
+        return (self.start, self.end, self.reg.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Cells sharing one rewrite: same range and regularizer, any N and weight."""
+    start: int
+    end: int
+    reg: str
+    cells: tuple[Cell, ...]
+
+    def spec(self) -> LoopSpec:
+        """The ``dynamic`` rewrite serving every cell (the largest N and the first cell's weight as defaults)."""
+        first = self.cells[0].reg
+        return Reg(self.reg, first.weight).spec(self.start, self.end, max(c.iters for c in self.cells))
+
+
+def parse_ranges(text: str, num_blocks: int, stride: int = 1) -> list[tuple[int, int]]:
+    """``all``, ``width=K`` or ``S:E,...`` -> sorted absolute (start, end) pairs for ``num_blocks`` blocks."""
+    text = (text or "").strip()
+    if stride < 1:
+        raise LoopgraphError(f"stride={stride} must be at least 1, e.g. --ranges all --stride 3")
+    if text == "all":
+        ranges = [(s, e) for s in range(0, num_blocks, stride) for e in range(s + 1, num_blocks + 1)
+                  if e % stride == 0 or e == num_blocks]
+    elif m := _WIDTH_RE.match(text):
+        width = int(m[1])
+        if not 1 <= width <= num_blocks:
+            raise LoopgraphError(f"--ranges width={width} but the model has {num_blocks} blocks; use width=1..{num_blocks}")
+        ranges = [(s, s + width) for s in range(0, num_blocks - width + 1, stride)]
+    else:
+        if stride != 1:
+            raise LoopgraphError("--stride applies to --ranges all and width=K, not to a list of ranges; drop --stride")
+        parts = [p for p in text.split(",") if p.strip()]
+        if not parts:
+            raise LoopgraphError("--ranges is empty; give all, width=K or a list such as 6:12,10:20")
+        ranges = []
+        for p in parts:
+            spec = LoopSpec(*parse_range(p), iters=1).resolve(num_blocks)
+            ranges.append((spec.start, spec.end))
+        if len(set(ranges)) < len(ranges):
+            raise LoopgraphError(f"--ranges {text} lists a range twice; give each range once")
+    return sorted(ranges)
+
+
+def parse_iters(text: str) -> list[int]:
+    """``"1,2,3"`` -> [1, 2, 3] (sorted, each in 1..64)."""
+    try:
+        values = [int(p) for p in (text or "").split(",") if p.strip()]
+    except ValueError:
+        raise LoopgraphError(f"--iters {text!r} is not a comma-separated list of integers, e.g. --iters 2,3") from None
+    if not values:
+        raise LoopgraphError("--iters is empty; give N values such as --iters 2,3")
+    bad = [v for v in values if not 1 <= v <= MAX_ITERS]
+    if bad:
+        raise LoopgraphError(f"--iters {bad[0]} is out of range; use 1..{MAX_ITERS}")
+    if len(set(values)) < len(values):
+        raise LoopgraphError(f"--iters {text} lists a value twice; give each N once")
+    return sorted(values)
+
+
+def parse_regs(text: str) -> list[Reg]:
+    """``"uniform,anchor:0.3"`` -> regularizers with weights (validated as :class:`LoopSpec` does)."""
+    regs = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, _, value = part.partition(":")
+        if name not in REGULARIZERS:
+            raise LoopgraphError(f"--reg {name!r} is not a regularizer; choose from {', '.join(REGULARIZERS)}")
+        weight = None
+        if value:
+            if REGULARIZERS[name] is None:
+                raise LoopgraphError(f"--reg {part}: {name} takes no weight; write {name}")
+            try:
+                weight = float(value)
+            except ValueError:
+                raise LoopgraphError(f"--reg {part}: {value!r} is not a number; write e.g. {name}:0.5") from None
+        reg = Reg(name, weight)
+        default = reg.spec(0, 1, 1)  # validates the weight and fills the default
+        regs.append(Reg(name, default.alpha if default.alpha is not None else default.k))
+    if not regs:
+        raise LoopgraphError(f"--reg is empty; give regularizers such as uniform,naive (from {', '.join(REGULARIZERS)})")
+    if len(set(regs)) < len(regs):
+        raise LoopgraphError(f"--reg {text} lists a regularizer twice; give each once")
+    return regs
+
+
+def make_cells(ranges: Sequence[tuple[int, int]], iters: Sequence[int], regs: Sequence[Reg]) -> list[Cell]:
+    return sorted(Cell(s, e, n, r) for s, e in ranges for n in iters for r in regs)
+
+
+def group_units(cells: Sequence[Cell]) -> list[Unit]:
+    """Group cells by (range, regularizer name), in a stable order."""
+    groups: dict[tuple[int, int, str], list[Cell]] = {}
+    for c in sorted(cells):
+        groups.setdefault(c.unit_key, []).append(c)
+    return [Unit(s, e, r, tuple(cs)) for (s, e, r), cs in groups.items()]

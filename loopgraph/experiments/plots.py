@@ -1,0 +1,142 @@
+"""Figures: sweep heatmaps (start block x end block, colour = delta vs baseline) and the latent
+trajectory of a trace (PCA of the residual stream across depth). matplotlib, Agg backend, fixed
+pixel sizes (no tight bounding box), so the files are the same size on every machine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loopgraph.errors import LoopgraphError
+from loopgraph.onnxio import atomic_path
+
+if TYPE_CHECKING:
+    from loopgraph.experiments.sweep import SweepResult, SweepRow
+    from loopgraph.experiments.trace import Trace
+
+HEATMAP_SIZE = (8.0, 6.8)  # inches at HEATMAP_DPI: 800 x 680 pixels
+HEATMAP_DPI = 100
+TRAJECTORY_SIZE = (9.0, 7.0)
+TRAJECTORY_DPI = 100
+_MAX_ANNOTATED = 16  # write the delta into cells up to this many columns
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise LoopgraphError("the figures need matplotlib; pip install 'loopgraph[experiments]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
+
+
+def heatmap_name(iters: int, reg_label: str) -> str:
+    return f"heatmap_N{iters}_{re.sub(r'[^A-Za-z0-9.]+', '-', reg_label)}.png"
+
+
+def heatmaps(result: SweepResult, out_dir: Path) -> list[Path]:
+    """One PNG per (N, regularizer): rows = start block S, columns = end block E (exclusive),
+    colour = delta of the metric vs the baseline in points, on one symmetric scale for all the
+    sweep's maps; the best cell is outlined, cells with McNemar p below the sweep's significance
+    level are starred. Cells not in the sweep are left blank."""
+    plt = _pyplot()
+    groups: dict[tuple[int, str], list[SweepRow]] = {}
+    for r in result.rows:
+        groups.setdefault((r.cell.iters, r.cell.reg.label), []).append(r)
+    scale = max([abs(r.delta) * 100 for r in result.rows] + [1.0])
+    paths = []
+    for (iters, label), rows in sorted(groups.items()):
+        fig = _heatmap(plt, result, rows, iters, label, scale)
+        paths.append(_save(fig, out_dir / heatmap_name(iters, label), HEATMAP_DPI))
+        plt.close(fig)
+    return paths
+
+
+def _heatmap(plt, result: SweepResult, rows: Sequence[SweepRow], iters: int, label: str, scale: float):
+    starts = sorted({r.cell.start for r in rows})
+    ends = sorted({r.cell.end for r in rows})
+    grid = np.full((len(starts), len(ends)), np.nan)
+    where = {}
+    for r in rows:
+        i, j = starts.index(r.cell.start), ends.index(r.cell.end)
+        grid[i, j] = r.delta * 100
+        where[(i, j)] = r
+    fig, ax = plt.subplots(figsize=HEATMAP_SIZE)
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#c8c8c8")  # not swept: grey, distinct from the white of a zero delta
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-scale, vmax=scale, origin="upper", aspect="auto")
+    fig.colorbar(im, ax=ax, label=f"Δ {result.metric} vs baseline (points)")
+    ax.set_xticks(range(len(ends)), [str(e) for e in ends], fontsize=8 if len(ends) <= 20 else 6, rotation=0 if len(ends) <= 20 else 90)
+    ax.set_yticks(range(len(starts)), [str(s) for s in starts], fontsize=8 if len(starts) <= 20 else 6)
+    ax.set_xlabel(f"end block E (exclusive; the model has {result.num_blocks} blocks)")
+    ax.set_ylabel("start block S")
+    best = max(rows, key=lambda r: r.delta)
+    for (i, j), r in where.items():
+        text = f"{r.delta * 100:+.1f}" if len(ends) <= _MAX_ANNOTATED else ""
+        if r.significant:
+            text += "*"
+        if text:
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if abs(r.delta * 100) > 0.6 * scale else "black")
+    bi, bj = starts.index(best.cell.start), ends.index(best.cell.end)
+    ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
+    name = Path(result.model).parent.name or Path(result.model).name
+    ax.set_title(f"{name} · {result.task.name} ({result.split}, n = {result.n}) · N = {iters}, {label}\n"
+                 f"baseline {result.metric} = {result.baseline:.1%}; best {best.cell.start}:{best.cell.end} "
+                 f"{best.delta * 100:+.1f} pts (□); * McNemar p < {result.config['significance']:g} (uncorrected); grey: not swept", fontsize=9)
+    fig.subplots_adjust(left=0.09, right=0.97, top=0.9, bottom=0.09)
+    return fig
+
+
+def trajectory_figure(trace: Trace, path: Path) -> Path:
+    """The residual stream of one token across depth, projected on the first two principal
+    components of the baseline trajectory: the baseline path (every block boundary), the looped
+    path (boundaries before the range, the carried state x_t of every iteration, the boundaries
+    after it) and the raw outputs y_t of the loop iterations."""
+    plt = _pyplot()
+    proj, explained = trace.pca()
+    base = proj(trace.baseline_states())
+    looped = proj(trace.looped_states())
+    ys = proj(trace.token_states(trace.ys))
+    s, e, n = trace.spec.start, trace.spec.end, trace.spec.iters
+    fig, ax = plt.subplots(figsize=TRAJECTORY_SIZE)
+    ax.plot(base[:, 0], base[:, 1], "-o", color="#4c72b0", ms=4, lw=1.5, label="baseline (block boundaries)", zorder=2)
+    for i in range(0, len(base), max(1, len(base) // 10)):
+        ax.annotate(str(i), base[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4c72b0")
+    ax.plot(looped[:, 0], looped[:, 1], "-s", color="#dd8452", ms=3.5, lw=1.2, alpha=0.9,
+            label=f"looped {s}:{e} ×{n} ({trace.spec.reg}): boundaries and x_t", zorder=3)
+    loop_pts = looped[s + 1:s + 1 + n]  # x_1 .. x_N
+    ax.scatter(loop_pts[:, 0], loop_pts[:, 1], s=70, facecolors="none", edgecolors="#c44e52", linewidths=1.8, zorder=4,
+               label="loop iterations x_t")
+    ax.scatter(ys[:, 0], ys[:, 1], marker="x", s=40, color="#8172b3", zorder=4, label="$y_t = B(x_{t-1})$ (raw output of iteration t)")
+    for t in range(n):
+        ax.annotate(f"x{t + 1}", loop_pts[t], textcoords="offset points", xytext=(5, -10), fontsize=8, color="#c44e52")
+    ax.annotate(f"r = y1 (block {e - 1} out)", base[e], textcoords="offset points", xytext=(6, 8), fontsize=8)
+    ax.annotate("final", looped[-1], textcoords="offset points", xytext=(6, -10), fontsize=8, color="#dd8452")
+    ax.set_xlabel(f"PC1 ({explained[0]:.0%} of the baseline trajectory's variance)")
+    ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
+    tok = trace.token_text(trace.token)
+    ax.set_title(f"Latent trajectory of token {trace.token} ({tok}) across depth, PCA fit on the baseline\n"
+                 f"{Path(trace.model).parent.name or trace.model} · looped {s}:{e} ×{n}, {trace.spec.reg} · prompt: "
+                 f"{_short(trace.prompt)}", fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.09, right=0.97, top=0.9, bottom=0.08)
+    out = _save(fig, path, TRAJECTORY_DPI)
+    plt.close(fig)
+    return out
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[:n - 1] + "…")
