@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/smollm2
-EXTRAS ?= cpu,export,test,view
+EXTRAS ?= cpu,export,test,view,experiments
 
 .PHONY: install demo test lint clean
 
