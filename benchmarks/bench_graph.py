@@ -62,10 +62,12 @@ def matmul_share(path: Path, start: int, end: int) -> float:
     index = GraphIndex(model.graph)
     blocks = find_blocks(model)
     in_range = index.between(blocks.blocks[start].input, [blocks.blocks[end - 1].output])
+    # a weight may reach its MatMul through a Transpose (the tied unembedding): look one op back
+    via = {o: n.input[0] for n in model.graph.node if n.op_type in ("Transpose", "Identity", "Cast") for o in n.output}
     total = ranged = 0
     for i, node in enumerate(model.graph.node):
         if node.op_type in ("MatMul", "Gemm"):
-            w = sum(sizes.get(t, 0) for t in node.input)
+            w = sum(sizes.get(t, sizes.get(via.get(t, ""), 0)) for t in node.input)
             total += w
             ranged += w if i in in_range else 0
     return ranged / total
@@ -77,12 +79,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--only", choices=["all", "latency"], default="all", help="latency: reuse WORKDIR/smollm2 and time only")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     exp = work / "smollm2"
     res: dict = {}
 
+    if args.only == "latency":
+        return latencies(exp / "model.onnx", exp, args, res, work)
     # 1. export
     t, rss, _ = measure(f"from loopgraph.exporters.export import export; export('smollm2-135m', {str(exp)!r}, force=True, say=lambda m: None)")
     res["export_s"], res["export_rss_mb"] = t, rss
@@ -114,7 +119,11 @@ def main() -> None:
     print(f"file sizes: original {model.stat().st_size:,} B, looped {(exp / 'looped.onnx').stat().st_size:,} B "
           f"({(exp / 'looped.onnx').stat().st_size / model.stat().st_size - 1:+.4%})")
 
-    # 4. ORT CPU latency, batch 1, seq 128: original, Loop N = 1..4, unrolled N = 1..4
+    latencies(model, exp, args, res, work)
+
+
+def latencies(model: Path, exp: Path, args: argparse.Namespace, res: dict, work: Path) -> None:
+    """ORT CPU latency, batch 1, seq 128: original, Loop N = 1..4, unrolled N = 1..4."""
     from loopgraph import LoopSpec, rewrite
     variants = {"original": model}
     for n in (1, 2, 3, 4):
