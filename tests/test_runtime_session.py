@@ -63,6 +63,12 @@ def test_auto_on_a_cpu_wheel_is_cpu_without_warning(tiny, caplog):
     assert s.providers == ["CPUExecutionProvider"] and not caplog.records
 
 
+def test_provider_options_reach_ort(tiny):
+    s = open_session(tiny("llama") / "model.onnx", provider_options={"CPUExecutionProvider": {}, "CUDAExecutionProvider": {"use_tf32": "0"}})
+    assert s.providers == ["CPUExecutionProvider"]
+    assert "CPUExecutionProvider" in s.ort_session.get_provider_options()
+
+
 def test_run_bound_equals_run_bit_for_bit(tiny):
     s = open_session(tiny("llama") / "model.onnx", device="cpu", threads=1)
     feeds = _feeds()

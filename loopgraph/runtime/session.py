@@ -154,13 +154,15 @@ def _graph_optimization_level(ort, opt_level: str):
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto, device: str = "cpu", threads: int | None = None,
-                 opt_level: str = "all", strict: bool = False, optimized_model_path: str | os.PathLike | None = None) -> Session:
+                 opt_level: str = "all", strict: bool = False, optimized_model_path: str | os.PathLike | None = None,
+                 provider_options: Mapping[str, Mapping[str, str]] | None = None) -> Session:
     """Open ``model`` (an .onnx path, an export folder, or a ModelProto) on ``device``.
 
     Refuses an unknown device or optimization level and a thread count below 1. When the wanted
     execution provider is not what ORT really runs, logs a warning and falls back to CPU, or
     raises with ``strict=True``. ``optimized_model_path`` saves the graph as ORT runs it (after
-    partitioning, with any Memcpy nodes), for inspection."""
+    partitioning, with any Memcpy nodes), for inspection. ``provider_options`` maps a provider
+    name to its ORT options, e.g. ``{"CUDAExecutionProvider": {"use_tf32": "0"}}`` for strict fp32."""
     if device not in DEVICES:
         raise LoopgraphError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if opt_level not in OPT_LEVELS:
@@ -180,13 +182,14 @@ def open_session(model: str | os.PathLike | onnx.ModelProto, device: str = "cpu"
     if device == "auto":
         wanted = next((d for d in ("tensorrt", "cuda") if _PROVIDERS[d][0] in available), "cpu")
     providers = [p for p in _PROVIDERS[wanted] if p in available] or ["CPUExecutionProvider"]
+    options = [dict((provider_options or {}).get(p, {})) for p in providers]
     if isinstance(model, onnx.ModelProto):
         source = model.SerializeToString()
     else:
         from loopgraph.onnxio import resolve_model_path
         source = str(resolve_model_path(Path(model)))
     try:
-        sess = ort.InferenceSession(source, so, providers=providers)
+        sess = ort.InferenceSession(source, so, providers=providers, provider_options=options)
     except Exception as e:  # ORT raises its own exception types for invalid graphs
         raise LoopgraphError(f"ONNX Runtime could not open the model: {str(e).splitlines()[0]}") from None
     used = sess.get_providers()
