@@ -167,3 +167,37 @@ def test_reference_kv_cache_equals_its_recompute(hf_model, arch, reg):
     assert worst <= ATOL, f"{spec.slug()}: cached vs recompute max |Δlogits| = {worst:.3g} > {ATOL}"
     again, _ = reference_generate(model, spec, ids, mask, 12, pad_token_id=0, eos_token_id=None)
     assert torch.equal(again, tokens)  # a new generation starts with fresh per-iteration caches
+
+
+class _FakeSession:
+    """Just the metadata CausalLM.from_session reads."""
+
+    def __init__(self, pasts: dict[str, tuple], metadata: dict[str, str] | None = None, presents: bool = True) -> None:
+        from loopgraph.runtime.session import TensorInfo
+        self.inputs = {n: TensorInfo(n, s, "tensor(int64)") for n, s in (("input_ids", ("b", "s")), ("attention_mask", ("b", "t")))}
+        self.inputs.update({n: TensorInfo(n, s, "tensor(float)") for n, s in pasts.items()})
+        self.outputs = {"logits": TensorInfo("logits", ("b", "s", 8), "tensor(float)")}
+        if presents:
+            self.outputs.update({"present." + n[len("past_key_values."):]: TensorInfo(n, s, "tensor(float)") for n, s in pasts.items()})
+        self.metadata = metadata or {}
+
+
+def test_cache_layout_from_metadata_and_config():
+    spec = LoopSpec(1, 2, iters=4, kv="exact").to_json()
+    fake = _FakeSession({"past_key_values.0.key": ("b", "h", "p", "d"), "past_key_values.1.key": ("n", "b", 3, "p", 16)},
+                        {"loopgraph.spec": spec})
+    lm = CausalLM.from_session(fake, {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96, "max_position_embeddings": 64})
+    assert [s.shape for s in lm.slots] == [(0, 3, 0, 16), (4, 0, 3, 0, 16)]  # kv_heads and head_dim from config, N from the spec
+    assert lm.max_positions == 64 and lm.spec.iters == 4
+    assert lm.initial_past(2)["past_key_values.1.key"].shape == (4, 2, 3, 0, 16)
+
+
+@pytest.mark.parametrize("pasts, kwargs, message", [
+    ({"past_key_values.0.key": ("b", "h", "p", "d")}, {}, r"leaves kv_heads symbolic \('h'\) and config.json does not give it"),
+    ({"past_key_values.0.key": ("n", "b", 2, "p", 16)}, {}, r"leaves N \(iterations; no loopgraph.spec metadata\) symbolic"),
+    ({"past_key_values.0.key": ("b", "p", 16)}, {}, "has rank 3"),
+    ({"past_key_values.0.key": ("b", 2, "p", 16)}, {"presents": False}, "but no output present.0.key to feed it"),
+])
+def test_cache_layouts_refused(pasts, kwargs, message):
+    with pytest.raises(LoopgraphError, match=message):
+        CausalLM.from_session(_FakeSession(pasts, **kwargs), {})

@@ -80,3 +80,16 @@ def test_approximate_kv_modes_run_with_rank4_caches(tiny, kv):
     exact = greedy(lm_for(_looped(folder, dataclasses.replace(spec, kv="exact")), folder))
     assert all(len(t) == 16 for t in got.tokens)
     assert float(np.abs(got.step_logits[0] - exact.step_logits[0]).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_exact_kv_batch_equals_each_prompt_alone(tiny, arch):
+    folder = tiny(arch, with_past=True)
+    lm = lm_for(_looped(folder, LoopSpec(0, 2, iters=3, reg="auto-align", kv="exact")), folder)
+    prompts = [[5, 17, 40, 33, 101, 7, 250, 9, 64], [12, 300, 45], [99, 98, 97, 96, 95]]
+    batch = greedy(lm, prompts)
+    for i, p in enumerate(prompts):
+        alone = greedy(lm, [p])
+        assert batch.tokens[i] == alone.tokens[0], f"prompt {i}: batch {batch.tokens[i]} vs alone {alone.tokens[0]}"
+        worst = max(float(np.abs(b[i] - a[0]).max()) for b, a in zip(batch.step_logits, alone.step_logits))
+        assert worst <= 1e-5, f"prompt {i}: batch vs alone max |Δlogits| = {worst:.3g} > 1e-5 (CPU provider)"

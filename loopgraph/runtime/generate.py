@@ -32,12 +32,12 @@ import numpy as np
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.runtime.session import Session
-from loopgraph.spec import METADATA_KEY, LoopSpec
+from loopgraph.spec import MAX_ITERS, METADATA_KEY, LoopSpec
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 ITERS_INPUT = "loopgraph/iters"
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bfloat16)": None}
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class PastSlot:
     """One KV-cache input and the output that feeds it at the next step."""
     past: str  # past_key_values.L.key
     present: str  # present.L.key
-    shape: tuple[int, ...]  # the zero-length initial value: ([N,] 0, kv_heads, 0, head_dim) with batch 0
+    shape: tuple[int, ...]  # the initial (zero-length) past with batch 0: ([N,] 0, kv_heads, 0, head_dim)
     dtype: Any
 
 
@@ -97,8 +97,8 @@ class CausalLM:
                 baked = f" (N = {spec.iters} is baked in)" if spec else ""
                 raise LoopgraphError(f"--iters applies to files rewritten with --dynamic; this model has no {ITERS_INPUT} input{baked}. "
                                      "Drop --iters, or rewrite with --dynamic")
-            if not 1 <= iters <= 64:
-                raise LoopgraphError(f"--iters {iters} is out of range; use 1..64")
+            if not 1 <= iters <= MAX_ITERS:
+                raise LoopgraphError(f"--iters {iters} is out of range; use 1..{MAX_ITERS}")
         n = iters if iters is not None else (spec.iters if spec else None)
         slots = [_slot(info, outputs, config, n) for name, info in inputs.items() if name.startswith(PAST_PREFIX)]
         limit = config.get("max_position_embeddings", config.get("n_positions"))
@@ -125,9 +125,10 @@ def _slot(info, outputs: dict, config: dict[str, Any], n: int | None) -> PastSlo
     dtype = _DTYPES.get(info.type)
     if dtype is None:
         raise LoopgraphError(f"{info.name} has type {info.type}, which numpy cannot hold; use a float32 or float16 export")
-    heads = config.get("num_key_value_heads", config.get("num_attention_heads", config.get("n_head")))
+    heads = config.get("num_attention_heads", config.get("n_head"))  # GPT-2 names in the second place
+    kv_heads = config.get("num_key_value_heads", heads)
     hidden = config.get("hidden_size", config.get("n_embd"))
-    head_dim = config.get("head_dim") or (hidden // config.get("num_attention_heads", config.get("n_head")) if hidden and heads else None)
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
     dims = list(info.shape)
 
     def static(axis: int, fallback: int | None, what: str) -> int:
@@ -138,7 +139,7 @@ def _slot(info, outputs: dict, config: dict[str, Any], n: int | None) -> PastSlo
                                  "put the export's config.json next to the .onnx file")
         return int(fallback)
 
-    shape = [0, static(-3, heads, "kv_heads"), 0, static(-1, head_dim, "head_dim")]
+    shape = [0, static(-3, kv_heads, "kv_heads"), 0, static(-1, head_dim, "head_dim")]
     if rank == 5:
         lead = dims[0]
         if isinstance(lead, int) and n is not None and lead != n:
