@@ -140,9 +140,18 @@ def test_onnx_and_pytorch_scorers_agree_on_the_tiny_model(models, tiny):
         for x, y in zip(a, b):
             assert [s.ll for s in x] == pytest.approx([s.ll for s in y], abs=1e-4), name
             assert [s.greedy for s in x] == [s.greedy for s in y], name
+    hf.full_logits = True  # lm-eval's way (LM head and log-softmax everywhere): the same numbers
+    items = select(load_items(TASKS["arc_easy"], SAMPLES_DIR), 3, 0)
+    kept, full = hf.score(TASKS["arc_easy"], items), onnx_scorer.score(TASKS["arc_easy"], items)
+    assert [s.ll for x in kept for s in x] == pytest.approx([s.ll for x in full for s in x], abs=1e-4)
 
 
 # --- the command line -------------------------------------------------------------------------
+
+def test_cli_default_batch_cap_is_the_scorer_default():
+    from loopgraph.eval import cli, scoring
+    assert cli.DEFAULT_BATCH_TOKENS == scoring.DEFAULT_BATCH_TOKENS
+
 
 def test_cli_end_to_end(models, tmp_path):
     out, items = tmp_path / "r.json", tmp_path / "items.jsonl"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/eval")
+DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: numpy is not needed for --help)
 _TASK_NAMES = ("arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa, sciq (validation), "
                "lambada_openai, wikitext")
 
@@ -63,8 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
     p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto (default cpu)")
     p.add_argument("--threads", type=_int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
-    p.add_argument("--max-batch-tokens", type=_int, default=2048,
-                   help="cap on rows x longest row per forward pass; bounds the logits held in memory (default 2048)")
+    p.add_argument("--max-batch-tokens", type=_int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"cap on rows x widest row per forward pass; bounds the logits held in memory (default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--max-length", type=_int, help="context window in tokens (default: the model config's, as lm-eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

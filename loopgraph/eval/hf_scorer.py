@@ -24,7 +24,9 @@ class HFScorer:
     """Scores items with a Hugging Face checkpoint folder (config, weights, tokenizer files)."""
 
     def __init__(self, folder: str | Path, *, spec: LoopSpec | None = None, threads: int | None = None, batch_items: int = 1,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, full_logits: bool = False) -> None:
+        """``full_logits``: compute logits and log-softmax at every position, as lm-eval's Hugging Face
+        backend does, instead of only where scored (same numbers, slower; for speed comparisons)."""
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,6 +49,7 @@ class HFScorer:
         self.max_length = max_length or config_max_length(self.model.config.to_dict(),
                                                           {"model_max_length": self.tokenizer.model_max_length})[0]
         self.batch_items = batch_items
+        self.full_logits = full_logits
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)  # the tokenizer's default special tokens, as lm-eval
@@ -57,12 +60,14 @@ class HFScorer:
         return [encode_pair(c, x, self.encode, self.prefix_id) for c, x in item.requests]
 
     def _logits(self, ids, mask, positions):
-        """Logits at ``positions`` (sorted sequence indices) of every row: [batch, len(positions), vocab].
+        """Logits at ``positions`` (sorted sequence indices; None: all) of every row: [batch, positions, vocab].
         The model's own ``logits_to_keep`` applies the LM head (and any final soft-capping) there only."""
         if self.spec is None:
-            return self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=positions).logits
+            keep = 0 if positions is None else positions  # 0: every position
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
         from loopgraph.reference.looped import reference_logits
-        return reference_logits(self.model, self.spec, ids, mask)[:, positions]
+        logits = reference_logits(self.model, self.spec, ids, mask)
+        return logits if positions is None else logits[:, positions]
 
     def score(self, task: Task, items: Sequence[Item]) -> list[list[Score]]:
         """Per item, the scores of its requests (windows for a rolling task)."""
@@ -80,13 +85,17 @@ class HFScorer:
             for row, (_, (fed, _, _)) in enumerate(batch):
                 ids[row, :len(fed)] = torch.tensor(fed)
                 mask[row, :len(fed)] = 1
-            keep = sorted({p for _, (fed, count, _) in batch for p in range(len(fed) - count, len(fed))})
+            if self.full_logits:
+                keep = list(range(width))
+                logp_all = torch.log_softmax(self._logits(ids, mask, None), dim=-1)
+            else:
+                keep = sorted({p for _, (fed, count, _) in batch for p in range(len(fed) - count, len(fed))})
+                logits = self._logits(ids, mask, torch.tensor(keep, dtype=torch.long))
             column = {p: i for i, p in enumerate(keep)}
-            logits = self._logits(ids, mask, torch.tensor(keep, dtype=torch.long))
             for row, (g, (fed, count, cont)) in enumerate(batch):
                 targets = torch.tensor(cont[len(cont) - count:], dtype=torch.long)
                 cols = [column[p] for p in range(len(fed) - count, len(fed))]
-                logp = torch.log_softmax(logits[row, cols], dim=-1)
+                logp = logp_all[row, cols] if self.full_logits else torch.log_softmax(logits[row, cols], dim=-1)
                 ll = float(logp.gather(-1, targets[:, None]).double().sum())
                 out[g].append(Score(ll, bool((logp.argmax(-1) == targets).all())))
         return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +27,12 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, file_sha256, item_key, model_key
 from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, config_max_length, encode_pair, rolling_windows
 from loopgraph.eval.metrics import aggregate, item_metrics
-from loopgraph.eval.scoring import Score, score_groups
+from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.tasks import ROLLING, Item, Task, load_items
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
+from loopgraph.rewrite import SOURCE_KEY, rewrite
 from loopgraph.spec import METADATA_KEY, LoopSpec
 
-log = logging.getLogger(__name__)
-SOURCE_KEY = "loopgraph.source"  # same key as loopgraph.rewrite.SOURCE_KEY (not imported: keeps this light)
 SAMPLES_DIR = Path(__file__).parent / "samples"
 DATA_ENV = "LOOPGRAPH_DATA"
 
@@ -52,8 +51,9 @@ class Model:
     noise_of: str | None = None  # label of the looped model this is the noise control of
 
 
-def open_model(path: str | Path, max_length: int | None = None, label: str | None = None) -> Model:
-    """Read a model's metadata and hashes (weights are not loaded)."""
+def open_model(path: str | Path, max_length: int | None = None) -> Model:
+    """Read a model's metadata and hashes (weights are not loaded). Its label is the recorded
+    spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem."""
     p = resolve_model_path(path)
     header = load_model(p)  # checks external data; never reads it
     meta = {m.key: m.value for m in header.metadata_props}
@@ -71,7 +71,7 @@ def open_model(path: str | Path, max_length: int | None = None, label: str | Non
         origin = "--max-length"
     if max_length < 1:
         raise LoopgraphError(f"--max-length {max_length} must be at least 1")
-    return Model(p, label or (spec.slug() if spec else p.stem), spec, source, file_sha256(p).hexdigest(),
+    return Model(p, spec.slug() if spec else p.stem, spec, source, file_sha256(p).hexdigest(),
                  model_key(p, external, max_length), max_length, origin)
 
 
@@ -93,16 +93,12 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
     if model.source is None or not model.source.is_file():
         raise LoopgraphError(f"--noise-control: the original of {model.path} ({model.source or 'not recorded'}) is missing; "
                              "it is needed to build the noise variant: keep the export folder together")
-    try:
-        spec = dataclasses.replace(model.spec, noise_seed=seed)
-    except TypeError:
-        raise LoopgraphError("--noise-control needs a loopgraph whose LoopSpec has noise_seed; update loopgraph") from None
+    spec = dataclasses.replace(model.spec, noise_seed=seed)
     out = model.path.with_name(f"{model.path.stem}.noise{seed}.onnx")
     if out.is_file():
         meta = {m.key: m.value for m in load_model(out).metadata_props}
         if METADATA_KEY in meta and LoopSpec.from_json(meta[METADATA_KEY]) == spec:
             return out
-    from loopgraph.rewrite import rewrite
     say(f"building the noise control of {model.label}: {out}")
     rewrite(model.source, spec, out)
     return out
@@ -110,7 +106,6 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
 
 def data_dir_default() -> Path:
     """``$LOOPGRAPH_DATA`` if set, else the samples shipped in the package."""
-    import os
     return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else SAMPLES_DIR
 
 
@@ -129,7 +124,7 @@ def select(items: list[Item], limit: int | None, seed: int) -> list[Item]:
 class OnnxScorer:
     """Scores items with ONNX Runtime and the export folder's tokenizer.json."""
 
-    def __init__(self, model: Model, *, device: str = "cpu", threads: int | None = None, max_batch_tokens: int = 2048,
+    def __init__(self, model: Model, *, device: str = "cpu", threads: int | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  max_batch_rows: int = 64) -> None:
         from loopgraph.runtime.session import open_session
         self.model = model
@@ -180,7 +175,7 @@ class EvalReport:
 
 def evaluate(paths: Sequence[str | Path], tasks: Sequence[Task], *, data_dir: Path | None = None, limit: int | None = None,
              seed: int = 1234, cache_dir: Path | None = None, device: str = "cpu", threads: int | None = None,
-             max_batch_tokens: int = 2048, max_length: int | None = None, noise_control: bool = False,
+             max_batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int | None = None, noise_control: bool = False,
              progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> EvalReport:
     """Evaluate ``paths`` (the first is the baseline of the comparison) on ``tasks``."""
     t0 = time.time()

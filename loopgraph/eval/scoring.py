@@ -27,6 +27,9 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.eval.encoding import TokenRequest, model_input
 
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ids, mask [batch, seq] int64 -> logits [batch, seq, vocab]
+#: rows x widest row per forward pass; on 1-2 CPU threads SmolLM2 scores fastest around 512 (benchmarks/bench_eval.py):
+#: bigger batches mostly move more [batch, seq, vocab] logits through memory
+DEFAULT_BATCH_TOKENS = 512
 _CHUNK_ELEMENTS = 1 << 23  # float64 values converted at a time (64 MiB)
 
 
@@ -104,7 +107,7 @@ def _log_probs(logits: np.ndarray, b: np.ndarray, t: np.ndarray, targets: np.nda
     return lp, hit
 
 
-def score_groups(groups: Sequence[Sequence[TokenRequest]], forward: Forward, *, max_length: int, max_batch_tokens: int = 2048,
+def score_groups(groups: Sequence[Sequence[TokenRequest]], forward: Forward, *, max_length: int, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  max_batch_rows: int = 64, pad_id: int = 0, on_group: Callable[[int, list[Score]], None] | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> list[list[Score]]:
     """Score every request of every group. ``on_group(g, scores)`` is called as soon as group ``g``
