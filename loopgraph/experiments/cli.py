@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
+DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
 
 
 def _int(text: str) -> int:
@@ -75,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="parallel jobs: processes of the local pool (1 = in this process), or the CPUs of a local Ray instance (default 1)")
     p.add_argument("--threads", type=_int, help="ONNX Runtime threads per job (default: cores / workers; 1 per Ray task)")
     p.add_argument("--ray-address", help="with --executor ray: connect to this cluster (auto, ray://host:10001) instead of starting one")
-    p.add_argument("--max-batch-tokens", type=_int, default=2048, help="cap on rows x longest row per forward pass (default 2048)")
+    p.add_argument("--max-batch-tokens", type=_int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"cap on rows x longest row per forward pass (default {DEFAULT_BATCH_TOKENS}, as loopgraph eval)")
     p.add_argument("--dry-run", action="store_true", help="print the cell count and an estimated time (measures one batch), score nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)

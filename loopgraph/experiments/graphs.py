@@ -15,8 +15,8 @@ import onnx
 from onnx import helper
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.onnxio import attach_weights, detach_weights
 from loopgraph.passes.dataflow import SHAPE_ONLY_OPS as _SHAPE_OPS
-from loopgraph.passes.loop import hidden_type
 
 
 def _infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -24,31 +24,47 @@ def _infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in [*g.value_info, *g.input, *g.output]}
 
 
+def _inferred_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Value infos after one shape inference on a weight-less copy (inference on the full model
+    would serialize every weight: minutes for SmolLM2 instead of a second)."""
+    stash = detach_weights(model)  # stubs keep dims and dtypes, which is all inference needs
+    try:
+        stub = onnx.ModelProto()
+        stub.CopyFrom(model)
+    finally:
+        attach_weights(model, stash)
+    return {**_infos(onnx.shape_inference.infer_shapes(stub)), **_infos(model)}
+
+
+def _tensor_info(infos: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    info = infos.get(name)
+    if info is None or not info.type.tensor_type.elem_type:
+        raise LoopgraphError(f"shape inference found no type for tensor {name}; re-export the model")
+    tt = info.type.tensor_type
+    dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim] if tt.HasField("shape") else None
+    return helper.make_tensor_value_info(name, tt.elem_type, dims)
+
+
 def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs ``names`` (tensors of the main graph, in
     the order given, after the existing outputs; names already outputs are kept once).
 
-    Handled: tensors produced by a main-graph node or graph inputs; the element type comes from
-    the model's value_info, else from the range tensors' shape inference (:func:`hidden_type`).
+    Handled: tensors produced by a main-graph node or graph inputs; types and shapes come from
+    the model's value_info, else from one shape inference of the weight-less graph.
     Refused: a name no main-graph node produces (e.g. a tensor inside a Loop body)."""
     produced = {t for n in model.graph.node for t in n.output} | {v.name for v in model.graph.input}
     unknown = [n for n in names if n not in produced]
     if unknown:
         raise LoopgraphError(f"tensor {unknown[0]} is not produced in the main graph, so it cannot be exposed as an output "
                              "(tensors inside a Loop body are reached through trace outputs)")
+    have = {o.name for o in model.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n not in have]
+    infos = _infos(model)
+    if any(n not in infos or not infos[n].type.tensor_type.elem_type for n in wanted):
+        infos = _inferred_infos(model)
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    infos = _infos(new)
-    have = {o.name for o in new.graph.output}
-    for name in dict.fromkeys(names):
-        if name in have:
-            continue
-        info = infos.get(name)
-        if info is not None and info.type.tensor_type.elem_type:
-            new.graph.output.append(helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None))
-        else:
-            dtype, shape = hidden_type(model, name)
-            new.graph.output.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
+    new.graph.output.extend(_tensor_info(infos, n) for n in wanted)
     return new
 
 
@@ -93,9 +109,11 @@ def logit_lens(model: onnx.ModelProto, source: str, output: str = "logits") -> o
                                  "the hidden state alone; the logit lens cannot be extracted from this model")
     if not reached:
         raise LoopgraphError(f"{output} does not depend on {source}; pass the last block's output as the lens input")
-    dtype, shape = hidden_type(model, source)
-    out_info = _infos(model).get(output) or helper.make_tensor_value_info(output, helper.np_dtype_to_tensor_dtype(dtype), None)
-    inputs = [helper.make_tensor_value_info(source, helper.np_dtype_to_tensor_dtype(dtype), shape), *shape_inputs.values()]
+    infos = _infos(model)
+    if source not in infos:
+        infos = _inferred_infos(model)
+    inputs = [_tensor_info(infos, source), *shape_inputs.values()]
+    out_info = _tensor_info(infos, output)
     graph = helper.make_graph([g.node[i] for i in sorted(nodes)], "loopgraph_logit_lens", inputs, [out_info],
                               list(used_inits.values()))
     lens = helper.make_model(graph, ir_version=model.ir_version)

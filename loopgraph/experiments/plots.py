@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 HEATMAP_SIZE = (8.0, 6.8)  # inches at HEATMAP_DPI: 800 x 680 pixels
 HEATMAP_DPI = 100
-TRAJECTORY_SIZE = (9.0, 7.0)
+TRAJECTORY_SIZE = (15.0, 6.5)  # inches at TRAJECTORY_DPI: 1500 x 650 pixels
 TRAJECTORY_DPI = 100
 _MAX_ANNOTATED = 16  # write the delta into cells up to this many columns
 
@@ -40,6 +40,18 @@ def _save(fig, path: Path, dpi: int) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path
+
+
+def model_name(model: str | Path) -> str:
+    """What the model is called in titles: the ``source`` of the export's ``loopgraph.json``
+    (e.g. ``smollm2-135m``), else the folder name."""
+    import json
+    path = Path(model)
+    try:
+        source = json.loads((path.parent / "loopgraph.json").read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    return str(source) if source else (path.parent.name or path.name)
 
 
 def heatmap_name(iters: int, reg_label: str) -> str:
@@ -90,8 +102,7 @@ def _heatmap(plt, result: SweepResult, rows: Sequence[SweepRow], iters: int, lab
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if abs(r.delta * 100) > 0.6 * scale else "black")
     bi, bj = starts.index(best.cell.start), ends.index(best.cell.end)
     ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
-    name = Path(result.model).parent.name or Path(result.model).name
-    ax.set_title(f"{name} · {result.task.name} ({result.split}, n = {result.n}) · N = {iters}, {label}\n"
+    ax.set_title(f"{model_name(result.model)} · {result.task.name} ({result.split}, n = {result.n}) · N = {iters}, {label}\n"
                  f"baseline {result.metric} = {result.baseline:.1%}; best {best.cell.start}:{best.cell.end} "
                  f"{best.delta * 100:+.1f} pts (□); * McNemar p < {result.config['significance']:g} (uncorrected); grey: not swept", fontsize=9)
     fig.subplots_adjust(left=0.09, right=0.97, top=0.9, bottom=0.09)
@@ -102,36 +113,49 @@ def trajectory_figure(trace: Trace, path: Path) -> Path:
     """The residual stream of one token across depth, projected on the first two principal
     components of the baseline trajectory: the baseline path (every block boundary), the looped
     path (boundaries before the range, the carried state x_t of every iteration, the boundaries
-    after it) and the raw outputs y_t of the loop iterations."""
+    after it) and the raw outputs y_t of the loop iterations. Left: the whole depth; right: a
+    zoom on the looped range (state norms grow with depth, so the loop is small on the left)."""
     plt = _pyplot()
     proj, explained = trace.pca()
     base = proj(trace.baseline_states())
     looped = proj(trace.looped_states())
     ys = proj(trace.token_states(trace.ys))
     s, e, n = trace.spec.start, trace.spec.end, trace.spec.iters
-    fig, ax = plt.subplots(figsize=TRAJECTORY_SIZE)
-    ax.plot(base[:, 0], base[:, 1], "-o", color="#4c72b0", ms=4, lw=1.5, label="baseline (block boundaries)", zorder=2)
-    for i in range(0, len(base), max(1, len(base) // 10)):
-        ax.annotate(str(i), base[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4c72b0")
-    ax.plot(looped[:, 0], looped[:, 1], "-s", color="#dd8452", ms=3.5, lw=1.2, alpha=0.9,
-            label=f"looped {s}:{e} ×{n} ({trace.spec.reg}): boundaries and x_t", zorder=3)
     loop_pts = looped[s + 1:s + 1 + n]  # x_1 .. x_N
-    ax.scatter(loop_pts[:, 0], loop_pts[:, 1], s=70, facecolors="none", edgecolors="#c44e52", linewidths=1.8, zorder=4,
-               label="loop iterations x_t")
-    ax.scatter(ys[:, 0], ys[:, 1], marker="x", s=40, color="#8172b3", zorder=4, label="$y_t = B(x_{t-1})$ (raw output of iteration t)")
-    for t in range(n):
-        ax.annotate(f"x{t + 1}", loop_pts[t], textcoords="offset points", xytext=(5, -10), fontsize=8, color="#c44e52")
-    ax.annotate(f"r = y1 (block {e - 1} out)", base[e], textcoords="offset points", xytext=(6, 8), fontsize=8)
-    ax.annotate("final", looped[-1], textcoords="offset points", xytext=(6, -10), fontsize=8, color="#dd8452")
-    ax.set_xlabel(f"PC1 ({explained[0]:.0%} of the baseline trajectory's variance)")
-    ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
-    tok = trace.token_text(trace.token)
-    ax.set_title(f"Latent trajectory of token {trace.token} ({tok}) across depth, PCA fit on the baseline\n"
-                 f"{Path(trace.model).parent.name or trace.model} · looped {s}:{e} ×{n}, {trace.spec.reg} · prompt: "
+    fig, axes = plt.subplots(1, 2, figsize=TRAJECTORY_SIZE)
+    for ax, zoom in zip(axes, (False, True)):
+        ax.plot(base[:, 0], base[:, 1], "-o", color="#4c72b0", ms=4, lw=1.5, label="baseline (block boundaries)", zorder=2)
+        ax.plot(looped[:, 0], looped[:, 1], "-s", color="#dd8452", ms=3.5, lw=1.2, alpha=0.9,
+                label=f"looped {s}:{e} ×{n} ({trace.spec.reg}): boundaries and $x_t$", zorder=3)
+        ax.scatter(loop_pts[:, 0], loop_pts[:, 1], s=70, facecolors="none", edgecolors="#c44e52", linewidths=1.8, zorder=4,
+                   label="loop iterations $x_t$")
+        ax.scatter(ys[:, 0], ys[:, 1], marker="x", s=40, color="#8172b3", zorder=4, label="$y_t = B(x_{t-1})$ (raw output of iteration t)")
+        for t in range(n):
+            ax.annotate(f"x{t + 1}", loop_pts[t], textcoords="offset points", xytext=(5, -10), fontsize=8, color="#c44e52")
+        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of the baseline trajectory's variance)")
+        ax.set_ylabel(f"PC2 ({explained[1]:.0%})")
+        ax.grid(alpha=0.3)
+        if zoom:
+            box = np.concatenate([base[max(0, s - 1):min(len(base), e + 2)], loop_pts, ys, looped[s + n:s + n + 2]])
+            lo, hi = box.min(0), box.max(0)
+            pad = np.maximum((hi - lo) * 0.15, 1e-6)
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            labelled = range(max(0, s - 1), min(len(base), e + 2))
+            ax.set_title(f"zoom on blocks {s}:{e} (boundaries {labelled.start}..{labelled.stop - 1})", fontsize=9)
+        else:
+            labelled = range(0, len(base), max(1, len(base) // 10))
+            ax.annotate("final", looped[-1], textcoords="offset points", xytext=(6, -10), fontsize=8, color="#dd8452")
+            ax.set_title("whole depth (blue numbers: block boundaries)", fontsize=9)
+            ax.legend(fontsize=7, loc="best")
+        for i in labelled:
+            ax.annotate(str(i), base[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4c72b0")
+    axes[1].annotate(f"r = y1 = x1 (boundary {e})", base[e], textcoords="offset points", xytext=(10, -24), fontsize=8,
+                     arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6})
+    fig.suptitle(f"Latent trajectory of token {trace.token} ({trace.token_text(trace.token)}) across depth, PCA fit on the baseline · "
+                 f"{model_name(trace.model)} · looped {s}:{e} ×{n}, {trace.spec.reg} · prompt: "
                  f"{_short(trace.prompt)}", fontsize=9)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.09, right=0.97, top=0.9, bottom=0.08)
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.09, wspace=0.2)
     out = _save(fig, path, TRAJECTORY_DPI)
     plt.close(fig)
     return out

@@ -47,7 +47,7 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, item_key
 from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, encode_pair
 from loopgraph.eval.metrics import BINARY, item_metrics
-from loopgraph.eval.scoring import Score, score_groups
+from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
 from loopgraph.experiments.grid import Cell, Unit, group_units, make_cells, parse_iters, parse_ranges, parse_regs
@@ -287,7 +287,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: int = 1, iters: str = "2,3",
           regs: str = "uniform", limit: int | None = None, seed: int = 1234, data_dir: Path | None = None, split: str = "dev",
           metric: str | None = None, cache_dir: Path | None = None, executor: str = "local", workers: int = 1,
-          threads: int | None = None, ray_address: str | None = None, max_batch_tokens: int = 2048,
+          threads: int | None = None, ray_address: str | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
           significance: float = 0.05, dry_run: bool = False, progress: bool = True, say: Say = _stderr) -> SweepResult:
     """Score every (range, N, regularizer) of a sweep and compare each with the baseline.
 

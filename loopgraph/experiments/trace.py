@@ -176,8 +176,9 @@ def capture(model: str | os.PathLike, spec: LoopSpec, prompt: str, *, token: int
 
 def format_table(trace: Trace) -> str:
     """The per-iteration table as text (r = y1 = x1 is the non-looped state)."""
+    from loopgraph.experiments.plots import model_name
     s = trace.spec
-    lines = [f"{Path(trace.model).parent.name or trace.model} · looped {s.start}:{s.end} ×{s.iters} ({s.reg}"
+    lines = [f"{model_name(trace.model)} · looped {s.start}:{s.end} ×{s.iters} ({s.reg}"
              f"{'' if s.weight is None else f', weight {s.weight:g}'}) · token {trace.token} {trace.token_text(trace.token)}",
              f"{'state':<17} {'vs':<6} {'cos':>7} {'norm':>7}  logit-lens top-{TOP_K}"]
     for row in trace.rows:
