@@ -40,6 +40,20 @@ def model(tiny) -> Path:
     return tiny("llama") / "model.onnx"
 
 
+def cached_lls(model, cache, cell) -> list[list[float]]:
+    """Per-item option log-likelihoods of ``cell`` (None: the baseline) as stored in the cache, in item order."""
+    base = open_model(model)
+    items = select(load_items(sweep_task("winogrande", DATA_DIR)[0], DATA_DIR), LIMIT, 1234)
+    keys = [item_key(cell_key(base.key, cell), it.requests) for it in items]
+    store = ScoreCache(cache)
+    try:
+        got = store.get(keys)
+    finally:
+        store.close()
+    assert len(got) == len(items), f"cell {cell} is missing items in the cache"
+    return [[s.ll for s in got[k]] for k in keys]
+
+
 def run(model, cache, **kw):
     kw = {"ranges": RANGES, "iters": "1,2", "regs": "uniform,naive", "limit": LIMIT, "data_dir": DATA_DIR, "cache_dir": cache,
           "threads": 1, "progress": False, "say": lambda m: None, **kw}
@@ -111,23 +125,12 @@ def test_sweep_csv_n1_exact_resume_and_heatmaps(model, tmp_path, monkeypatch):
     assert {r["n"] for r in rows} == {str(LIMIT)}
 
     # N = 1 cells equal the baseline exactly: every item's log-likelihoods, not just the accuracy
-    base = open_model(model)
-    items = select(load_items(sweep_task("winogrande", DATA_DIR)[0], DATA_DIR), LIMIT, 1234)
-    store = ScoreCache(cache)
-    try:
-        def lls(cell):
-            keys = [item_key(cell_key(base.key, cell), it.requests) for it in items]
-            got = store.get(keys)
-            assert len(got) == len(items), f"cell {cell} is missing items in the cache"
-            return [[s.ll for s in got[k]] for k in keys]
-        baseline_lls = lls(None)
-        for c in cells:
-            if c.iters == 1:
-                assert lls(c) == baseline_lls, f"N = 1 cell {c} differs from the baseline"
-            else:
-                assert lls(c) != baseline_lls, f"cell {c} did not change any log-likelihood: looping had no effect"
-    finally:
-        store.close()
+    baseline_lls = cached_lls(model, cache, None)
+    for c in cells:
+        if c.iters == 1:
+            assert cached_lls(model, cache, c) == baseline_lls, f"N = 1 cell {c} differs from the baseline"
+        else:
+            assert cached_lls(model, cache, c) != baseline_lls, f"cell {c} did not change any log-likelihood: looping had no effect"
     for r in rows:
         if r["iters"] == "1":
             assert (r["value"], r["delta"], r["gained"], r["lost"]) == (r["baseline"], "0.0", "0", "0"), r
@@ -171,6 +174,18 @@ def test_an_interrupted_cell_scores_only_its_missing_items(model, tmp_path):
     assert resumed.cells_computed == 1 and resumed.rewrites == 1
     assert 0 < resumed.tokens < full.tokens / 2, (resumed.tokens, full.tokens)
     assert [(r.value, r.p_mcnemar) for r in resumed.rows] == [(r.value, r.p_mcnemar) for r in full.rows]
+
+
+def test_weights_share_one_rewrite_and_are_fed(model, tmp_path):
+    """anchor:0.3 and anchor:0.9 run on one rewrite whose default alpha is 0.3; the 0.9 cell, fed
+    through loopgraph/alpha, equals a sweep whose rewrite has 0.9 as its default."""
+    both = run(model, tmp_path / "a", ranges="1:3", iters="2", regs="anchor:0.9,anchor:0.3")
+    assert both.rewrites == 1 and both.cells_computed == 2
+    alone = run(model, tmp_path / "b", ranges="1:3", iters="2", regs="anchor:0.9")
+    high = alone.rows[0].cell
+    low = next(r.cell for r in both.rows if r.cell.reg.weight == 0.3)
+    assert cached_lls(model, tmp_path / "a", high) == cached_lls(model, tmp_path / "b", high)
+    assert cached_lls(model, tmp_path / "a", low) != cached_lls(model, tmp_path / "a", high), "alpha was not fed"
 
 
 def test_local_pool_and_ray_give_the_same_csv(model, tmp_path):
