@@ -7,7 +7,9 @@ the same items, the same number of CPU threads, and how each scales with batch s
 Timed: ``score(task, items)`` = tokenization, batching, forward passes and log-softmax; model
 loading is not timed and one warm-up call precedes the measurements. The configurations are
 measured in interleaved rounds (every configuration once per round) and the median per
-configuration is reported, so a load change on a shared machine hits all of them alike. Batch size is
+configuration is reported, so a load change on a shared machine hits all of them alike. CPU
+seconds of the process are reported too: on a machine other jobs keep busy, they measure the
+work far more steadily than wall time (with one thread they are the single core's busy time). Batch size is
 ``--max-batch-tokens`` for the ONNX scorer (rows x widest row per forward pass, rows sharing a
 context read once) and items per forward pass for the PyTorch scorer (every option its own row).
 The PyTorch scorer runs its LM head only where scored (``logits_to_keep``) and, as a second
@@ -54,18 +56,18 @@ def score_full(hf, task, items):
         hf.full_logits = False
 
 
-def interleaved(configs: dict, task, items, rounds: int) -> dict[str, float]:
-    """Median seconds of ``score(task, items)`` per configuration, measured round-robin."""
+def interleaved(configs: dict, task, items, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, CPU seconds of this process) of ``score(task, items)`` per configuration, round-robin."""
     for score in configs.values():
         score(task, items[:2])  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in configs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, score in configs.items():
-            t = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             score(task, items)
-            times[name].append(time.perf_counter() - t)
-            print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
-    return {name: statistics.median(v) for name, v in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            print(f"  {name}: {times[name][-1][0]:.1f} s wall, {times[name][-1][1]:.1f} s CPU", flush=True)
+    return {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for name, v in times.items()}
 
 
 def main() -> None:
@@ -96,9 +98,9 @@ def main() -> None:
             configs[f"pytorch|{k} items"] = functools.partial(score_with, hf, "batch_items", k)
         configs["pytorch, lm-eval style (LM head + log-softmax everywhere)|4 items"] = functools.partial(score_full, hf)
         print(f"threads {threads}:")
-        for name, seconds in interleaved(configs, task, items, args.rounds).items():
+        for name, (wall, cpu) in interleaved(configs, task, items, args.rounds).items():
             scorer, batch = name.split("|")
-            rows.append({"threads": threads, "scorer": scorer, "batch": batch, "seconds": seconds})
+            rows.append({"threads": threads, "scorer": scorer, "batch": batch, "seconds": wall, "cpu_seconds": cpu})
         a = score_with(onnx_scorer, "max_batch_tokens", 512, task, items)
         b = score_with(hf, "batch_items", 4, task, items)
         diff = max(abs(x.ll - y.ll) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
@@ -107,11 +109,13 @@ def main() -> None:
         del onnx_scorer, hf
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
-    print("\n| threads | scorer | batch | items/s | vs best PyTorch at these threads |\n|---|---|---|---|---|")
+    print("\n| threads | scorer | batch | items/s (wall) | items per CPU-second | vs best PyTorch (wall / CPU) |\n|---|---|---|---|---|---|")
     for r in rows:
-        best_hf = min(x["seconds"] for x in rows if x["threads"] == r["threads"] and x["scorer"] == "pytorch")
-        r["items_per_s"] = len(items) / r["seconds"]
-        print(f"| {r['threads']} | {r['scorer']} | {r['batch']} | {r['items_per_s']:.2f} | {best_hf / r['seconds']:.2f}x |")
+        hf_rows = [x for x in rows if x["threads"] == r["threads"] and x["scorer"] == "pytorch"]
+        best_wall, best_cpu = min(x["seconds"] for x in hf_rows), min(x["cpu_seconds"] for x in hf_rows)
+        r["items_per_s"], r["items_per_cpu_s"] = len(items) / r["seconds"], len(items) / r["cpu_seconds"]
+        print(f"| {r['threads']} | {r['scorer']} | {r['batch']} | {r['items_per_s']:.2f} | {r['items_per_cpu_s']:.2f} "
+              f"| {best_wall / r['seconds']:.2f}x / {best_cpu / r['cpu_seconds']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"task": args.task, "items": len(items), "rows": rows}, indent=2) + "\n")
 

@@ -27,10 +27,10 @@ def models(tiny, tmp_path_factory):
     return folder / "model.onnx", folder / "looped.onnx"
 
 
-def run(models, tmp_path, **kw):
+def run(models, tmp_path, tasks=TASK_LIST, **kw):
     kw = {"data_dir": SAMPLES_DIR, "limit": 5, "cache_dir": tmp_path / "cache", "threads": 1, "progress": False,
           "say": lambda m: None, **kw}
-    return evaluate(models, TASK_LIST, **kw)
+    return evaluate(models, tasks, **kw)
 
 
 def test_end_to_end_then_everything_from_the_cache(models, tmp_path):
@@ -118,6 +118,20 @@ def test_reports(models, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "items.jsonl").read_text().splitlines()]
     assert n == len(lines) == 2 * 2 * 4
     assert {"task", "model", "index", "gold", "ll", "greedy", "acc"} <= set(lines[0])
+
+
+def test_reports_of_loglikelihood_and_perplexity_tasks(models, tmp_path):
+    report = run(models, tmp_path, tasks=[TASKS["lambada_openai"], TASKS["wikitext"]], limit=2, max_length=64)
+    comps = comparisons(report)
+    assert {(c.task, c.metric) for c in comps} == {("lambada_openai", "acc")}  # perplexities get no paired test
+    data = to_json(report, comps)
+    assert set(data["tasks"]["lambada_openai"]["metrics"]["model"]) == {"acc", "acc_stderr", "perplexity"}
+    wiki = data["tasks"]["wikitext"]["metrics"]["model"]
+    assert set(wiki) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert wiki["byte_perplexity"] == pytest.approx(2 ** wiki["bits_per_byte"], rel=1e-12)
+    assert data["models"][0]["max_length"] == 64 and data["models"][0]["max_length_from"] == "--max-length"
+    text = format_text(report, comps)
+    assert "== wikitext (test; 2 of 5 items" in text and "bits_per_byte" in text
 
 
 def test_kv_cache_exports_are_refused(tiny):
