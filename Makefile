@@ -30,6 +30,9 @@ demo: $(STAMP)
 	$(BIN)/loopgraph rewrite $(DEMO)/model.onnx --range 10:20 --iters 3 --reg uniform -o $(DEMO)/looped.onnx
 	$(BIN)/loopgraph inspect $(DEMO)/looped.onnx
 	$(BIN)/loopgraph verify $(DEMO)/looped.onnx
+	# a small baseline-vs-looped evaluation on the samples shipped in the package (no download)
+	$(BIN)/loopgraph eval $(DEMO)/model.onnx $(DEMO)/looped.onnx --tasks arc_easy,winogrande --limit 50 \
+		--data-dir loopgraph/eval/samples --json $(DEMO)/eval.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
