@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from loopgraph import __version__
+from loopgraph.cliargs import int_arg
 from loopgraph.errors import LoopgraphError
 from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 
@@ -26,13 +27,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.eval.cli",
     "loopgraph.experiments.cli",
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -94,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint folder, .gguf file, or smollm2-135m")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--with-past", action="store_true", help="export with KV-cache inputs/outputs (text-generation-with-past)")
-    p.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int_arg, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_export)
 
@@ -109,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in the README).")
     p.add_argument("model", help="the .onnx file of an export")
     p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive, Python slice rules (e.g. 10:20, -5:, :8)")
-    p.add_argument("--iters", "-n", type=_positive_int, default=3, help="N, applications of the range (1..64, default 3)")
+    p.add_argument("--iters", "-n", type=int_arg, default=3, help="N, applications of the range (1..64, default 3)")
     p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
     p.add_argument("--alpha", type=float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
     p.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
     p.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
     p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
-    p.add_argument("--noise-control", type=_positive_int, metavar="SEED",
+    p.add_argument("--noise-control", type=int_arg, metavar="SEED",
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
     p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
     p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")

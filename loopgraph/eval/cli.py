@@ -9,17 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from loopgraph.cliargs import int_arg
+
 DEFAULT_CACHE = Path("~/.cache/loopgraph/eval")
 DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: numpy is not needed for --help)
 _TASK_NAMES = ("arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa, sciq (validation), "
                "lambada_openai, wikitext")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -54,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. arc_easy,winogrande")
     p.add_argument("--data-dir", type=Path, help="benchmarks folder in the documented JSONL layout "
                                                  "(default: $LOOPGRAPH_DATA, else the samples shipped with loopgraph)")
-    p.add_argument("--limit", type=_int, help="evaluate N items per task, drawn at random with --seed (default: all)")
-    p.add_argument("--seed", type=_int, default=1234, help="seed of --limit's draw, the bootstrap and --noise-control (default 1234)")
+    p.add_argument("--limit", type=int_arg, help="evaluate N items per task, drawn at random with --seed (default: all)")
+    p.add_argument("--seed", type=int_arg, default=1234, help="seed of --limit's draw, the bootstrap and --noise-control (default 1234)")
     p.add_argument("--noise-control", action="store_true",
                    help="also evaluate a noise variant of each looped model: same-norm random perturbation instead of looping's shift")
     p.add_argument("--json", metavar="PATH", help="write config, versions, timing, per-task metrics and comparisons as JSON")
@@ -63,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help=f"where per-item scores are kept so interrupted runs resume (default {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
     p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto (default cpu)")
-    p.add_argument("--threads", type=_int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
-    p.add_argument("--max-batch-tokens", type=_int, default=DEFAULT_BATCH_TOKENS,
+    p.add_argument("--threads", type=int_arg, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument("--max-batch-tokens", type=int_arg, default=DEFAULT_BATCH_TOKENS,
                    help=f"cap on rows x widest row per forward pass; bounds the logits held in memory (default {DEFAULT_BATCH_TOKENS})")
-    p.add_argument("--max-length", type=_int, help="context window in tokens (default: the model config's, as lm-eval)")
+    p.add_argument("--max-length", type=int_arg, help="context window in tokens (default: the model config's, as lm-eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

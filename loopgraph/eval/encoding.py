@@ -16,12 +16,12 @@ the tokenizer adds it by default (SmolLM2's does not).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.runtime.tokenizer import load_tokenizer_json, read_json, token_text
 
 Encode = Callable[[str], list[int]]
 TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -84,20 +84,6 @@ def config_max_length(config: dict[str, Any], tokenizer_config: dict[str, Any] |
     return DEFAULT_MAX_LENGTH, "lm-eval's default"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _token_text(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
-
-
 @dataclasses.dataclass
 class FolderTokenizer:
     """The export folder's ``tokenizer.json`` read with the ``tokenizers`` library (no transformers).
@@ -111,21 +97,11 @@ class FolderTokenizer:
     @classmethod
     def from_folder(cls, folder: Path) -> FolderTokenizer:
         path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise LoopgraphError(f"{folder} has no tokenizer.json, so the benchmark text cannot be tokenized; "
-                                 "evaluate a model written by loopgraph export/rewrite, or copy the checkpoint's tokenizer.json next to it")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise LoopgraphError("the tokenizers library is not installed; pip install 'loopgraph[cpu]'") from None
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for malformed files
-            raise LoopgraphError(f"{path} could not be loaded by the tokenizers library: {str(e).splitlines()[0]}") from None
-        special = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-        config = _read_json(folder / "config.json")
+        tok = load_tokenizer_json(folder, "the benchmark text")
+        special = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
+        config = read_json(folder / "config.json")
         for key in ("bos_token", "eos_token"):
-            text = _token_text(special.get(key))
+            text = token_text(special.get(key))
             if text is not None and tok.token_to_id(text) is not None:
                 return cls(tok, tok.token_to_id(text), path)
         for key in ("bos_token_id", "eos_token_id"):

@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from loopgraph.cliargs import int_arg
+
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
 DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -56,12 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the original export (.onnx or export folder, without KV cache)")
     p.add_argument("--task", required=True, help="benchmark task, e.g. winogrande, arc_easy (see loopgraph eval --help)")
     p.add_argument("--ranges", default="all", help="all (every S:E), width=K (every S:S+K), or a list S:E,S:E (default all)")
-    p.add_argument("--stride", type=_int, default=1, help="with all/width=K: starts (and, for all, ends) on multiples of D (default 1)")
+    p.add_argument("--stride", type=int_arg, default=1, help="with all/width=K: starts (and, for all, ends) on multiples of D (default 1)")
     p.add_argument("--iters", default="2,3", help="comma-separated N values (default 2,3)")
     p.add_argument("--reg", default="uniform", help=f"comma-separated regularizers, optionally with a weight: "
                                                     f"uniform,naive,anchor:0.3,damped:4 (from {', '.join(REGULARIZERS)}; default uniform)")
-    p.add_argument("--limit", type=_int, help="score N items drawn at random with --seed (default: all)")
-    p.add_argument("--seed", type=_int, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
+    p.add_argument("--limit", type=int_arg, help="score N items drawn at random with --seed (default: all)")
+    p.add_argument("--seed", type=int_arg, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
     p.add_argument("--data-dir", type=Path, help="benchmarks folder (default: $LOOPGRAPH_DATA, else the samples shipped with loopgraph)")
     p.add_argument("--split", default="dev", choices=["dev", "reported"],
                    help="dev: the tuning _dev file where the data has one (ARC, OpenBookQA), else the task's file; "
@@ -72,11 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help=f"per-item score cache (default {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="local process pool (default) or Ray")
-    p.add_argument("--workers", type=_int, default=1,
+    p.add_argument("--workers", type=int_arg, default=1,
                    help="parallel jobs: processes of the local pool (1 = in this process), or the CPUs of a local Ray instance (default 1)")
-    p.add_argument("--threads", type=_int, help="ONNX Runtime threads per job (default: cores / workers; 1 per Ray task)")
+    p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads per job (default: cores / workers; 1 per Ray task)")
     p.add_argument("--ray-address", help="with --executor ray: connect to this cluster (auto, ray://host:10001) instead of starting one")
-    p.add_argument("--max-batch-tokens", type=_int, default=DEFAULT_BATCH_TOKENS,
+    p.add_argument("--max-batch-tokens", type=int_arg, default=DEFAULT_BATCH_TOKENS,
                    help=f"cap on rows x longest row per forward pass (default {DEFAULT_BATCH_TOKENS}, as loopgraph eval)")
     p.add_argument("--dry-run", action="store_true", help="print the cell count and an estimated time (measures one batch), score nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,12 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "logit-lens top-5 tokens) and DIR/trace.json.")
     p.add_argument("model", help="the original export (.onnx or export folder, without KV cache)")
     p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive (e.g. 10:20)")
-    p.add_argument("--iters", "-n", type=_int, default=3, help="N (default 3)")
+    p.add_argument("--iters", "-n", type=int_arg, default=3, help="N (default 3)")
     p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
     p.add_argument("--alpha", type=float, help="weight for ema and anchor (default 0.5)")
     p.add_argument("--k", type=float, help="K of damped (default 2)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
     p.add_argument("--token", type=int, default=-1, help="which token position to follow (default -1, the last)")
-    p.add_argument("--threads", type=_int, help="ONNX Runtime threads")
+    p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads")
     p.add_argument("-o", "--output", help="output folder (default ./trace.<slug>)")
     p.set_defaults(func=cmd_trace)

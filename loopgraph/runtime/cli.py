@@ -10,17 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
+from loopgraph.cliargs import int_arg
 from loopgraph.errors import LoopgraphError
 from loopgraph.runtime.session import add_runtime_args
 
 log = logging.getLogger(__name__)
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "run as one left-padded batch and print when done. Tokens/s go to stderr.")
     p.add_argument("model", help="an .onnx file, or an export folder holding model.onnx (the tokenizer files must be beside it)")
     p.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=_int, default=64, help="new tokens per prompt at most (default 64)")
+    p.add_argument("--max-new-tokens", type=int_arg, default=64, help="new tokens per prompt at most (default 64)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat template")
     p.add_argument("--system", help="with --chat: a system message before the prompt")
     p.add_argument("--temperature", type=float, help="sample with this temperature (> 0); without it decoding is greedy")
     p.add_argument("--top-p", type=float, help="with --temperature: nucleus sampling mass (0 < p <= 1, default 1)")
-    p.add_argument("--seed", type=_int, help="with --temperature: random seed for repeatable sampling")
-    p.add_argument("--iters", type=_int, help="N for a file rewritten with --dynamic (default: the value it was written with)")
+    p.add_argument("--seed", type=int_arg, help="with --temperature: random seed for repeatable sampling")
+    p.add_argument("--iters", type=int_arg, help="N for a file rewritten with --dynamic (default: the value it was written with)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -17,16 +17,34 @@ from loopgraph.errors import LoopgraphError
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file the export wrote ({} when absent); a one-line error when unreadable."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
+    return data if isinstance(data, dict) else {}
 
 
-def _token_text(value: Any) -> str | None:
+def load_tokenizer_json(folder: Path, what: str = "the text"):
+    """``folder/tokenizer.json`` read by the ``tokenizers`` library (no transformers)."""
+    tok_file = folder / TOKENIZER_FILE
+    if not tok_file.is_file():
+        raise LoopgraphError(f"{folder} has no {TOKENIZER_FILE}, so {what} cannot be tokenized; export the model with "
+                             f"loopgraph export (it writes the tokenizer) or copy the checkpoint's {TOKENIZER_FILE} next to the .onnx file")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise LoopgraphError("the tokenizers library is not installed; pip install 'loopgraph[cpu]'") from None
+    try:
+        return Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a plain Exception for malformed files
+        raise LoopgraphError(f"{tok_file} could not be loaded by the tokenizers library: {str(e).splitlines()[0]}") from None
+
+
+def token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
     if isinstance(value, dict):
         return value.get("content")
@@ -53,22 +71,11 @@ class TextTokenizer:
     def from_folder(cls, folder: str | Path) -> TextTokenizer:
         """Load the tokenizer files an export wrote into ``folder``."""
         folder = Path(folder)
-        tok_file = folder / TOKENIZER_FILE
-        if not tok_file.is_file():
-            raise LoopgraphError(f"{folder} has no {TOKENIZER_FILE}, so the text cannot be tokenized; export the model with "
-                                 f"loopgraph export (it writes the tokenizer) or copy the checkpoint's {TOKENIZER_FILE} next to the .onnx file")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise LoopgraphError("the tokenizers library is not installed; pip install 'loopgraph[cpu]'") from None
-        try:
-            tokenizer = Tokenizer.from_file(str(tok_file))
-        except Exception as e:  # tokenizers raises a plain Exception for malformed files
-            raise LoopgraphError(f"{tok_file} could not be loaded by the tokenizers library: {str(e).splitlines()[0]}") from None
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        gen_config = _read_json(folder / "generation_config.json")
-        config = _read_json(folder / "config.json")
-        special = {k: t for k, v in tok_config.items() if k.endswith("_token") and (t := _token_text(v)) is not None}
+        tokenizer = load_tokenizer_json(folder)
+        tok_config = read_json(folder / "tokenizer_config.json")
+        gen_config = read_json(folder / "generation_config.json")
+        config = read_json(folder / "config.json")
+        special = {k: t for k, v in tok_config.items() if k.endswith("_token") and (t := token_text(v)) is not None}
 
         eos = _ids(gen_config.get("eos_token_id")) or _ids(config.get("eos_token_id"))
         if not eos and special.get("eos_token") is not None:
