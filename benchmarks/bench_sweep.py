@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopgraph.eval.runner import open_model, select
+from loopgraph.eval.runner import LogitsSession, open_model, select
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, score_groups
 from loopgraph.eval.tasks import load_items
 from loopgraph.experiments.grid import make_cells, parse_iters, parse_ranges, parse_regs
@@ -39,16 +39,8 @@ from loopgraph.experiments.sweep import sweep, sweep_task, tokenize
 from loopgraph.onnxio import load_model
 from loopgraph.passes.blocks import find_blocks
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.session import open_session
 
 DATA = Path(os.environ.get("LOOPGRAPH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"))
-
-
-def forward_for(session):
-    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
-        return session.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions}, ["logits"])["logits"]
-    return forward
 
 
 def naive(model: Path, task_name: str, cells, limit: int, threads: int, workdir: Path, max_length: int, batch: int) -> dict:
@@ -60,11 +52,11 @@ def naive(model: Path, task_name: str, cells, limit: int, threads: int, workdir:
     t0 = time.perf_counter()
     # the baseline, measured once (a per-cell eval would repeat it for every cell)
     t = time.perf_counter()
-    base_session = open_session(model, threads=threads)
+    base_session = LogitsSession(model, threads=threads)
     base_open = time.perf_counter() - t
     t = time.perf_counter()
     groups = tokenize(items, model.parent)
-    score_groups(groups, forward_for(base_session), max_length=max_length, max_batch_tokens=batch)
+    score_groups(groups, base_session.logits_at, max_length=max_length, max_batch_tokens=batch)
     base_score = time.perf_counter() - t
     del base_session
     for cell in cells:
@@ -74,14 +66,14 @@ def naive(model: Path, task_name: str, cells, limit: int, threads: int, workdir:
         parts["rewrite_and_write"] += time.perf_counter() - t
         written += out.stat().st_size
         t = time.perf_counter()
-        session = open_session(out, threads=threads)
+        session = LogitsSession(out, threads=threads)
         parts["open_session"] += time.perf_counter() - t
         t = time.perf_counter()
         groups = tokenize(items, model.parent)
         parts["tokenize"] += time.perf_counter() - t
         t = time.perf_counter()
         totals: list[int] = []
-        scores = score_groups(groups, forward_for(session), max_length=max_length, max_batch_tokens=batch, on_batch=lambda d, n, seen=totals: seen.append(n))
+        scores = score_groups(groups, session.logits_at, max_length=max_length, max_batch_tokens=batch, on_batch=lambda d, n, seen=totals: seen.append(n))
         parts["score"] += time.perf_counter() - t
         tokens += totals[-1] if totals else 0
         accuracy[cell] = [max(range(len(s)), key=lambda i: s[i].ll) for s in scores]

@@ -8,7 +8,7 @@ import pytest
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.report import comparisons, format_text, to_json, write_items
-from loopgraph.eval.runner import SAMPLES_DIR, OnnxScorer, evaluate, open_model, select
+from loopgraph.eval.runner import SAMPLES_DIR, LogitsSession, OnnxScorer, evaluate, open_model, select
 from loopgraph.eval.tasks import TASKS, load_items
 from loopgraph.exporters.export import reference_dir
 from loopgraph.rewrite import rewrite
@@ -52,20 +52,20 @@ def test_end_to_end_then_everything_from_the_cache(models, tmp_path):
 
 
 def test_an_interrupted_run_resumes_from_the_finished_items(models, tmp_path, monkeypatch):
-    real = OnnxScorer.forward
+    real = LogitsSession.logits_at
     calls = {"n": 0}
 
-    def dies_after_ten_batches(self, ids, mask):
+    def dies_after_ten_batches(self, ids, mask, at):
         calls["n"] += 1
         if calls["n"] > 10:
             raise KeyboardInterrupt
-        return real(self, ids, mask)
+        return real(self, ids, mask, at)
 
-    monkeypatch.setattr(OnnxScorer, "forward", dies_after_ten_batches)
+    monkeypatch.setattr(LogitsSession, "logits_at", dies_after_ten_batches)
     kw = {"limit": 40, "max_batch_tokens": 64}
     with pytest.raises(KeyboardInterrupt):
         run(models[:1], tmp_path, **kw)
-    monkeypatch.setattr(OnnxScorer, "forward", real)
+    monkeypatch.setattr(LogitsSession, "logits_at", real)
     resumed = run(models[:1], tmp_path, **kw).results["arc_easy"]["model"]
     assert 0 < resumed.from_cache < 40
     fresh = run(models[:1], tmp_path, cache_dir=None, **kw).results["arc_easy"]["model"]

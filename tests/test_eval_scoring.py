@@ -74,8 +74,12 @@ def test_config_max_length_order():
 
 
 def fake_forward(calls: list):
-    """A causal toy LM: the logits at position t are a pseudo-random function of ids[:t+1] only."""
-    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A causal toy LM: the logits at position t are a pseudo-random function of ids[:t+1] only;
+    returned at the flat positions ``at`` asked for, as the ONNX scorer's gathered graph does."""
+    def forward(ids: np.ndarray, mask: np.ndarray, at: np.ndarray) -> np.ndarray:
+        return full(ids, mask).reshape(-1, VOCAB)[at]
+
+    def full(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         calls.append(ids.shape)
         out = np.zeros((*ids.shape, VOCAB), np.float32)
         for b in range(ids.shape[0]):
@@ -84,13 +88,14 @@ def fake_forward(calls: list):
                 out[b, t] = np.random.default_rng(seed).normal(0, 3, VOCAB)
         out[mask == 0] = np.nan  # padding positions must never be read
         return out
+    forward.full = full
     return forward
 
 
 def direct(request, max_length):
     """The same log-likelihood computed one request, one position at a time."""
     fed, count = model_input(request, max_length)
-    logits = fake_forward([])(np.array([fed]), np.ones((1, len(fed)), np.int64))[0].astype(np.float64)
+    logits = fake_forward([]).full(np.array([fed]), np.ones((1, len(fed)), np.int64))[0].astype(np.float64)
     ll, greedy = 0.0, True
     for pos, target in zip(range(len(fed) - count, len(fed)), request[1][len(request[1]) - count:]):
         row = logits[pos]
@@ -138,6 +143,11 @@ def test_rows_of_different_items_are_not_shared():
 def test_a_request_with_nothing_to_condition_on_is_refused():
     with pytest.raises(LoopgraphError, match="cannot be scored"):
         plan([[([], [5])]], 16, 100, 8)
+
+
+def test_forward_returning_the_wrong_shape_is_refused():
+    with pytest.raises(LoopgraphError, match=r"expected \[positions, vocab\]"):
+        score_groups([[([1, 2], [3])]], lambda ids, mask, at: np.zeros((*ids.shape, VOCAB)), max_length=16)
 
 
 def test_progress_counts_fed_tokens():

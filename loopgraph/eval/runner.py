@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, file_sha256, item_key, model_key
@@ -29,10 +31,12 @@ from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, config_max_le
 from loopgraph.eval.metrics import aggregate, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.tasks import ROLLING, Item, Task, load_items
-from loopgraph.onnxio import external_locations, load_model, resolve_model_path
+from loopgraph.onnxio import attach_weights, detach_weights, external_locations, load_model, resolve_model_path
+from loopgraph.passes.logits import POSITIONS_NAME, gather_logits
 from loopgraph.rewrite import SOURCE_KEY, rewrite
 from loopgraph.spec import METADATA_KEY, LoopSpec
 
+log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
 DATA_ENV = "LOOPGRAPH_DATA"
 
@@ -121,15 +125,51 @@ def select(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     return [items[i] for i in sorted(picked)]
 
 
+class LogitsSession:
+    """An ORT session of a causal LM that computes logits only at the positions asked for.
+
+    The model is opened with :func:`loopgraph.passes.logits.gather_logits` applied in memory (the
+    file is not changed; weights external data stay where they are). A graph the pass refuses is
+    opened as it is, with a warning, and the positions are picked from its full logits."""
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 gather: bool = True) -> None:
+        from loopgraph.runtime.session import open_session
+        path = None if isinstance(model, onnx.ModelProto) else resolve_model_path(model)
+        proto = load_model(path) if path is not None else model  # external weights are never read here
+        gathered = None
+        if gather:
+            stash = detach_weights(proto)  # the pass copies the graph, not the weights
+            try:
+                gathered = gather_logits(proto).model
+            except LoopgraphError as e:
+                log.warning("scoring with full logits: %s", e)
+            attach_weights(proto, stash)
+            if gathered is not None:
+                attach_weights(gathered, stash)
+        self.gathered = gathered is not None
+        source = gathered if gathered is not None else (proto if path is None else path)
+        base = path.parent if path is not None and external_locations(proto) else None
+        del proto
+        self.session = open_session(source, device=device, threads=threads, base_dir=base)
+
+    def logits_at(self, ids: np.ndarray, mask: np.ndarray, at: np.ndarray, feeds: dict | None = None) -> np.ndarray:
+        """Logits ``[len(at), vocab]`` at the flat positions ``at`` (``row * seq + position``)."""
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None), **(feeds or {})}
+        if self.gathered:
+            return self.session.run({**feeds, POSITIONS_NAME: at}, ["logits"])["logits"]
+        logits = self.session.run(feeds, ["logits"])["logits"]
+        return logits.reshape(-1, logits.shape[-1])[at]
+
+
 class OnnxScorer:
     """Scores items with ONNX Runtime and the export folder's tokenizer.json."""
 
     def __init__(self, model: Model, *, device: str = "cpu", threads: int | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 max_batch_rows: int = 64) -> None:
-        from loopgraph.runtime.session import open_session
+                 max_batch_rows: int = 64, gather: bool = True) -> None:
         self.model = model
         self.tokenizer = FolderTokenizer.from_folder(model.path.parent)
-        self.session = open_session(model.path, device=device, threads=threads)
+        self.lm = LogitsSession(model.path, device=device, threads=threads, gather=gather)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
 
@@ -139,15 +179,11 @@ class OnnxScorer:
             return rolling_windows(tok(item.requests[0][1]), prefix, length)
         return [encode_pair(c, x, tok, prefix) for c, x in item.requests]
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
-        return self.session.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions}, ["logits"])["logits"]
-
     def score(self, task: Task, items: Sequence[Item], on_item: Callable[[int, list[Score]], None] | None = None,
               on_batch: Callable[[int, int], None] | None = None) -> list[list[Score]]:
         """Per item, the scores of its token requests (for a rolling task: of its windows)."""
         groups = [self.token_requests(task, it) for it in items]
-        return score_groups(groups, self.forward, max_length=self.model.max_length, max_batch_tokens=self.max_batch_tokens,
+        return score_groups(groups, self.lm.logits_at, max_length=self.model.max_length, max_batch_tokens=self.max_batch_tokens,
                             max_batch_rows=self.max_batch_rows, on_group=on_item, on_batch=on_batch)
 
 

@@ -1,4 +1,4 @@
-"""Batched log-likelihood scoring of token requests with any ``forward(ids, mask) -> logits``.
+"""Batched log-likelihood scoring of token requests with any ``forward(ids, mask, at) -> logits``.
 
 A *group* is the list of token requests of one item (its options). Handled:
 
@@ -9,9 +9,10 @@ A *group* is the list of token requests of one item (its options). Handled:
 - **Batches by length.** Items are taken longest first, each item's rows together, and rows
   are packed while ``rows x widest <= max_batch_tokens`` (a longer single row runs alone),
   right-padded with mask 0, so real positions never see padding.
-- **Log-softmax only where scored.** Only the continuation positions of a batch's logits are
-  converted (to float64, in chunks) and normalised; the ``[batch, seq, vocab]`` array is
-  dropped after each batch.
+- **Logits only where scored.** ``forward`` is asked for the logits of the continuation
+  positions only (``at``: flat indices ``row * width + position``; the ONNX scorer gathers them
+  before the LM head, :mod:`loopgraph.passes.logits`), which are converted to float64 in chunks
+  and normalised.
 
 Refused: a continuation longer than ``max_length`` (see :func:`encoding.model_input`).
 """
@@ -26,9 +27,9 @@ import numpy as np
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.encoding import TokenRequest, model_input
 
-Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ids, mask [batch, seq] int64 -> logits [batch, seq, vocab]
-#: rows x widest row per forward pass; on 1-2 CPU threads SmolLM2 scores fastest around 512 (benchmarks/bench_eval.py):
-#: bigger batches mostly move more [batch, seq, vocab] logits through memory
+#: ids, mask [batch, seq] int64, at [positions] int64 (row * seq + position) -> logits [positions, vocab]
+Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+#: rows x widest row per forward pass (benchmarks/bench_eval.py measures the scaling)
 DEFAULT_BATCH_TOKENS = 512
 _CHUNK_ELEMENTS = 1 << 23  # float64 values converted at a time (64 MiB)
 
@@ -92,13 +93,13 @@ def plan(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_batch_to
     return Plan(rows, owner, reads, batches)
 
 
-def _log_probs(logits: np.ndarray, b: np.ndarray, t: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log p(target) and argmax == target at positions (b, t), in float64, a chunk of positions at a time."""
-    lp = np.empty(len(b), np.float64)
-    hit = np.empty(len(b), bool)
+def _log_probs(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log p(target) and argmax == target per row of ``logits`` [positions, vocab], in float64, a chunk at a time."""
+    lp = np.empty(len(targets), np.float64)
+    hit = np.empty(len(targets), bool)
     step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    for s in range(0, len(b), step):
-        x = logits[b[s:s + step], t[s:s + step]].astype(np.float64)  # [positions, vocab]
+    for s in range(0, len(targets), step):
+        x = logits[s:s + step].astype(np.float64)
         m = x.max(-1, keepdims=True)
         lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
         tg = targets[s:s + step]
@@ -129,12 +130,13 @@ def score_groups(groups: Sequence[Sequence[TokenRequest]], forward: Forward, *, 
         for i, r in enumerate(batch):
             ids[i, :len(p.rows[r])] = p.rows[r]
             mask[i, :len(p.rows[r])] = 1
-        logits = forward(ids, mask)
         reads = [(i, rd) for i, r in enumerate(batch) for rd in p.reads[r]]
-        b = np.array([i for i, rd in reads for _ in rd.targets], np.int64)
-        t = np.array([pos for _, rd in reads for pos in range(rd.end - len(rd.targets), rd.end)], np.int64)
+        at = np.array([i * width + pos for i, rd in reads for pos in range(rd.end - len(rd.targets), rd.end)], np.int64)
         targets = np.array([tok for _, rd in reads for tok in rd.targets], np.int64)
-        lp, hit = _log_probs(logits, b, t, targets)
+        logits = forward(ids, mask, at)
+        if logits.ndim != 2 or logits.shape[0] != len(at):
+            raise LoopgraphError(f"forward returned logits of shape {logits.shape} for {len(at)} positions; expected [positions, vocab]")
+        lp, hit = _log_probs(logits, targets)
         del logits
         offset = 0
         for _, rd in reads:

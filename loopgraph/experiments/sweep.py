@@ -141,17 +141,18 @@ def _feed_dtype(type_name: str):
 
 def run_job(job: Job) -> JobResult:
     """Score a job's cells (a worker's entry point: local, process pool or Ray)."""
+    from loopgraph.eval.runner import LogitsSession
     from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
-    from loopgraph.runtime.session import open_session
 
     t0 = time.perf_counter()
     if job.unit is None:
-        session = open_session(job.model, threads=job.threads)
+        lm = LogitsSession(job.model, threads=job.threads)
         cells_feeds: list[dict[str, np.ndarray]] = [{}]
     else:
         original = _original(job.model, os.stat(job.model).st_mtime_ns)
-        session = open_session(rewrite(original, job.unit.spec()).model, threads=job.threads)
+        lm = LogitsSession(rewrite(original, job.unit.spec()).model, threads=job.threads)
+        session = lm.session
         param = param_name(job.unit.reg)
         cells_feeds = []
         for cell in job.unit.cells:
@@ -164,9 +165,8 @@ def run_job(job: Job) -> JobResult:
     tokens = 0
     out = []
     for feeds, todo in zip(cells_feeds, job.todo):
-        def forward(ids: np.ndarray, mask: np.ndarray, feeds=feeds) -> np.ndarray:
-            positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # as loopgraph.eval's OnnxScorer
-            return session.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **feeds}, ["logits"])["logits"]
+        def forward(ids: np.ndarray, mask: np.ndarray, at: np.ndarray, feeds=feeds) -> np.ndarray:
+            return lm.logits_at(ids, mask, at, feeds)
 
         def count(done: int, total: int) -> None:
             nonlocal tokens

@@ -155,14 +155,16 @@ def _graph_optimization_level(ort, opt_level: str):
 
 def open_session(model: str | os.PathLike | onnx.ModelProto, device: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", strict: bool = False, optimized_model_path: str | os.PathLike | None = None,
-                 provider_options: Mapping[str, Mapping[str, str]] | None = None) -> Session:
+                 provider_options: Mapping[str, Mapping[str, str]] | None = None,
+                 base_dir: str | os.PathLike | None = None) -> Session:
     """Open ``model`` (an .onnx path, an export folder, or a ModelProto) on ``device``.
 
     Refuses an unknown device or optimization level and a thread count below 1. When the wanted
     execution provider is not what ORT really runs, logs a warning and falls back to CPU, or
     raises with ``strict=True``. ``optimized_model_path`` saves the graph as ORT runs it (after
     partitioning, with any Memcpy nodes), for inspection. ``provider_options`` maps a provider
-    name to its ORT options, e.g. ``{"CUDAExecutionProvider": {"use_tf32": "0"}}`` for strict fp32."""
+    name to its ORT options, e.g. ``{"CUDAExecutionProvider": {"use_tf32": "0"}}`` for strict fp32.
+    ``base_dir``: for a ModelProto whose weights are external data, the folder they are in."""
     if device not in DEVICES:
         raise LoopgraphError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if opt_level not in OPT_LEVELS:
@@ -185,6 +187,8 @@ def open_session(model: str | os.PathLike | onnx.ModelProto, device: str = "cpu"
     options = [dict((provider_options or {}).get(p, {})) for p in providers]
     if isinstance(model, onnx.ModelProto):
         source = model.SerializeToString()
+        if base_dir is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     else:
         from loopgraph.onnxio import resolve_model_path
         source = str(resolve_model_path(Path(model)))
