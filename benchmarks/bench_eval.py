@@ -4,6 +4,10 @@ the same items, the same number of CPU threads, and how each scales with batch s
     .venv/bin/loopgraph export smollm2-135m -o /tmp/lg-real       # once
     .venv/bin/python benchmarks/bench_eval.py --export /tmp/lg-real [--task arc_easy] [--items 24] [--threads 1 2] [--rounds 3]
 
+The ONNX scorer computes logits only at the scored positions (:mod:`loopgraph.passes.logits`);
+the same scorer on the unmodified graph (logits everywhere, the positions picked in numpy) is a
+third baseline, to show what the gather buys.
+
 Timed: ``score(task, items)`` = tokenization, batching, forward passes and log-softmax; model
 loading is not timed and one warm-up call precedes the measurements. The configurations are
 measured in interleaved rounds (every configuration once per round) and the median per
@@ -90,10 +94,13 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         onnx_scorer = OnnxScorer(model, threads=threads)
+        onnx_full = OnnxScorer(model, threads=threads, gather=False)
         hf = HFScorer(reference_dir(args.export), threads=threads)
         configs = {}
         for b in ONNX_BATCH_TOKENS:
             configs[f"onnx|{b} tokens"] = functools.partial(score_with, onnx_scorer, "max_batch_tokens", b)
+        configs["onnx, full logits (no gather before the LM head)|128 tokens"] = functools.partial(
+            score_with, onnx_full, "max_batch_tokens", 128)
         for k in HF_BATCH_ITEMS:
             configs[f"pytorch|{k} items"] = functools.partial(score_with, hf, "batch_items", k)
         configs["pytorch, lm-eval style (LM head + log-softmax everywhere)|4 items"] = functools.partial(score_full, hf)
@@ -106,7 +113,7 @@ def main() -> None:
         diff = max(abs(x.ll - y.ll) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
         same = np.mean([np.argmax([s.ll for s in x]) == np.argmax([s.ll for s in y]) for x, y in zip(a, b)])
         print(f"threads {threads}: max |Δ log-likelihood| ONNX vs PyTorch {diff:.2e}, same choice on {same:.1%} of items")
-        del onnx_scorer, hf
+        del onnx_scorer, onnx_full, hf
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
     print("\n| threads | scorer | batch | items/s (wall) | items per CPU-second | vs best PyTorch (wall / CPU) |\n|---|---|---|---|---|---|")

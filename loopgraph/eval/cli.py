@@ -12,7 +12,7 @@ from pathlib import Path
 from loopgraph.cliargs import int_arg
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/eval")
-DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: numpy is not needed for --help)
+DEFAULT_BATCH_TOKENS = 128  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: numpy is not needed for --help)
 _TASK_NAMES = ("arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa, sciq (validation), "
                "lambada_openai, wikitext")
 

@@ -30,7 +30,7 @@ from loopgraph.eval.encoding import TokenRequest, model_input
 #: ids, mask [batch, seq] int64, at [positions] int64 (row * seq + position) -> logits [positions, vocab]
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 #: rows x widest row per forward pass (benchmarks/bench_eval.py measures the scaling)
-DEFAULT_BATCH_TOKENS = 512
+DEFAULT_BATCH_TOKENS = 128
 _CHUNK_ELEMENTS = 1 << 23  # float64 values converted at a time (64 MiB)
 
 

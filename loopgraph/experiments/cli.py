@@ -8,7 +8,7 @@ from pathlib import Path
 from loopgraph.cliargs import int_arg
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
-DEFAULT_BATCH_TOKENS = 512  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
+DEFAULT_BATCH_TOKENS = 128  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
