@@ -136,21 +136,20 @@ class LogitsSession:
                  gather: bool = True) -> None:
         from loopgraph.runtime.session import open_session
         path = None if isinstance(model, onnx.ModelProto) else resolve_model_path(model)
-        proto = load_model(path) if path is not None else model  # external weights are never read here
-        gathered = None
+        self.gathered, source, base = False, model if path is None else path, None
         if gather:
+            proto = load_model(path) if path is not None else model  # external weights are never read here
+            external = path is not None and bool(external_locations(proto))
             stash = detach_weights(proto)  # the pass copies the graph, not the weights
             try:
-                gathered = gather_logits(proto).model
+                source = gather_logits(proto).model
+                self.gathered = True
+                attach_weights(source, stash)
+                base = path.parent if external else None
             except LoopgraphError as e:
                 log.warning("scoring with full logits: %s", e)
             attach_weights(proto, stash)
-            if gathered is not None:
-                attach_weights(gathered, stash)
-        self.gathered = gathered is not None
-        source = gathered if gathered is not None else (proto if path is None else path)
-        base = path.parent if path is not None and external_locations(proto) else None
-        del proto
+            del proto
         self.session = open_session(source, device=device, threads=threads, base_dir=base)
 
     def logits_at(self, ids: np.ndarray, mask: np.ndarray, at: np.ndarray, feeds: dict | None = None) -> np.ndarray:
