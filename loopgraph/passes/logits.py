@@ -15,7 +15,7 @@ commutes with them and the logits at the chosen positions are unchanged (each ro
 its own dot products; tests check the values bit for bit against the full logits). The Loop, if
 any, is upstream and untouched. Refused, leaving the model as it was: no ``logits`` output, a
 model that already has the input, an LM head that is not a MatMul of a rank-3 hidden state, or
-any other op on the way. The edit is three nodes at the graph's tail, so it is done on the proto
+any other op on the way. The edit is two new nodes at the graph's tail, so it is done on the proto
 itself: importing a Loop graph into graphsurgeon and back would be a round trip for nothing.
 """
 
