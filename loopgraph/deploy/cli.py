@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -45,6 +46,8 @@ def cmd_view(args: argparse.Namespace) -> int:
             print(f"{path}: {url}")
         print("serving with Netron on loopback; press Ctrl-C to stop", file=sys.stderr)
         sys.stdout.flush()
+        # a parent that ignores SIGINT (a background job of a script, a test runner) passes that on; Ctrl-C must still stop us
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(0.5)
