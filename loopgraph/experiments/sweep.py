@@ -152,13 +152,12 @@ def run_job(job: Job) -> JobResult:
     else:
         original = _original(job.model, os.stat(job.model).st_mtime_ns)
         lm = LogitsSession(rewrite(original, job.unit.spec()).model, threads=job.threads)
-        session = lm.session
         param = param_name(job.unit.reg)
         cells_feeds = []
         for cell in job.unit.cells:
             feeds = {ITERS_NAME: np.array(cell.iters, np.int64)}
             if param is not None:
-                feeds[param] = np.array(cell.reg.weight, _feed_dtype(session.inputs[param].type))
+                feeds[param] = np.array(cell.reg.weight, _feed_dtype(lm.session.inputs[param].type))
             cells_feeds.append(feeds)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -78,10 +78,10 @@ def gather_logits(model: onnx.ModelProto) -> PassResult:
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = new.graph
-    node = next(n for n in graph.node if n.name == head.name and list(n.output) == list(head.output))
+    at = next(i for i, n in enumerate(graph.node) if n.output == head.output)  # output names are unique
+    node = graph.node[at]
     hidden = node.input[0]
     flat, picked = f"{POSITIONS_NAME}/flat", f"{POSITIONS_NAME}/hidden"
-    at = list(graph.node).index(node)
     graph.node.insert(at, helper.make_node("Gather", [flat, POSITIONS_NAME], [picked], name=f"{POSITIONS_NAME}/gather", axis=0))
     graph.node.insert(at, helper.make_node("Flatten", [hidden], [flat], name=f"{POSITIONS_NAME}/flatten", axis=2))
     node.input[0] = picked
