@@ -5,11 +5,10 @@ The public API needs neither torch nor transformers::
     from loopgraph import LoopSpec, rewrite, find_blocks
 """
 
-__version__ = "0.1.0"
-
-from loopgraph.errors import LoopgraphError  # noqa: E402
-from loopgraph.passes.blocks import Block, BlockMap, find_blocks  # noqa: E402
-from loopgraph.rewrite import RewriteResult, rewrite  # noqa: E402
-from loopgraph.spec import LoopSpec  # noqa: E402
+from loopgraph._version import __version__
+from loopgraph.errors import LoopgraphError
+from loopgraph.passes.blocks import Block, BlockMap, find_blocks
+from loopgraph.rewrite import RewriteResult, rewrite
+from loopgraph.spec import LoopSpec
 
 __all__ = ["Block", "BlockMap", "LoopSpec", "LoopgraphError", "RewriteResult", "__version__", "find_blocks", "rewrite"]

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from loopgraph import __version__
+from loopgraph._version import __version__
 from loopgraph.cliargs import int_arg
 from loopgraph.errors import LoopgraphError
 from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopgraph import __version__
+from loopgraph._version import __version__
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, item_key
 from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, encode_pair

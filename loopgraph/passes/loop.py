@@ -28,7 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from loopgraph import __version__
+from loopgraph._version import __version__
 from loopgraph.errors import LoopgraphError
 from loopgraph.passes.base import PassResult
 from loopgraph.passes.blocks import BlockMap

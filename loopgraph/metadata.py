@@ -1,0 +1,65 @@
+"""One record of what an ONNX file says about itself: its ``metadata_props`` and its subgraphs.
+
+Keys loopgraph writes (all under ``loopgraph.``):
+
+- ``loopgraph.spec``: the :class:`~loopgraph.spec.LoopSpec` of the rewrite, as JSON;
+- ``loopgraph.source``: where the original model lives, relative to the rewritten file;
+- ``loopgraph.version`` and ``loopgraph.blocks``: the tool's version and the model's block count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+from loopgraph.errors import LoopgraphError
+from loopgraph.spec import LoopSpec
+
+SPEC_KEY = "loopgraph.spec"
+SOURCE_KEY = "loopgraph.source"
+VERSION_KEY = "loopgraph.version"
+BLOCKS_KEY = "loopgraph.blocks"
+
+
+def props(model: onnx.ModelProto) -> dict[str, str]:
+    """``metadata_props`` as a dict (a later duplicate key wins, as onnx's own helpers do)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_props(model: onnx.ModelProto, updates: dict[str, str]) -> None:
+    """Set (or replace) keys; the other keys keep their values and their order."""
+    merged = {**props(model), **updates}
+    del model.metadata_props[:]
+    for k, v in merged.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def read_spec(model: onnx.ModelProto) -> LoopSpec | None:
+    """The :class:`LoopSpec` recorded by ``loopgraph rewrite``; None when the file has none.
+    A record that cannot be parsed is a user error (:class:`LoopgraphError`) naming the file's key."""
+    raw = props(model).get(SPEC_KEY)
+    if raw is None:
+        return None
+    try:
+        return LoopSpec.from_json(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoopgraphError(f"the model's {SPEC_KEY} metadata is not a valid rewrite record ({e}); "
+                             "rewrite the original export again") from None
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (a Loop's body, an If's branches)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph inside it, depth first (the one subgraph walker)."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
