@@ -69,8 +69,17 @@ def _logits(model) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_n1_bit_exact_every_regularizer(tiny, arch, kind):
+    """fp16 on ORT CPU: ORT computes fp16 Add/Mul in fp32 and keeps the residual unrounded between
+    nodes (its ``InsertedPrecisionFreeCast_`` casts), while the Loop's carried state is a declared
+    fp16 tensor, rounded at the range boundary: the naive N = 1 Loop differs from the fp16 original
+    by the residual's fp16 rounding (2.6e-4 measured, bound 1e-3). Every regularizer's N = 1 must
+    still equal naive's bit for bit (weight 1 at t = 1 adds no error)."""
     q = _quantized(tiny(arch) / "model.onnx", kind)
     want = _logits(q)
+    if kind == "fp16":
+        naive = _logits(rewrite(q, LoopSpec(1, 3, iters=1, reg="naive")).model)
+        assert float(np.abs(naive - want).max()) <= 1e-3, f"{arch} fp16 naive N=1 vs original {np.abs(naive - want).max():.3g} > 1e-3"
+        want = naive
     for reg in REGULARIZERS:
         got = _logits(rewrite(q, LoopSpec(1, 3, iters=1, reg=reg)).model)
         assert np.array_equal(got, want), f"{arch} {kind} {reg} N=1: max|Δlogits| {np.abs(got - want).max():.3g}, want 0 (CPU, 1 thread)"

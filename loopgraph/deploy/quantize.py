@@ -46,7 +46,6 @@ from onnx import TensorProto
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import all_graphs, props, set_props, subgraphs
-from loopgraph.naming import lg_name
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,9 @@ def _int4(model: onnx.ModelProto, block_size: int, accuracy_level: int | None) -
 def _gemm_as_matmul(model: onnx.ModelProto) -> None:
     """``Gemm(A, W, C)`` (no transposes, alpha = beta = 1) -> ``MatMul(A, W) + C``, in every graph:
     MatMulNBitsQuantizer only rewrites MatMul, and GPT-2's exported linear layers are Gemm. The
-    Gemm's output keeps its name (the Add writes it); the MatMul keeps the Gemm's node name."""
+    Gemm's output keeps its name (the Add writes it); the MatMul keeps the Gemm's node name. The
+    two new names derive from the Gemm's, without the ``loopgraph/`` prefix: that prefix on a node
+    marks a file loopgraph has looped (``passes.loop.is_looped``), and a quantized original is not."""
     from onnx import helper
     for _level, graph, visible in _walk(model.graph):
         nodes = []
@@ -172,9 +173,9 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> None:
             if len(n.input) < 3 or not n.input[2]:
                 nodes.append(helper.make_node("MatMul", n.input[:2], n.output, name=n.name))
                 continue
-            product = lg_name("gemm", n.output[0])
+            product = f"{n.output[0]}/matmul"
             nodes += [helper.make_node("MatMul", n.input[:2], [product], name=n.name),
-                      helper.make_node("Add", [product, n.input[2]], n.output, name=lg_name("gemm", n.name, "Add"))]
+                      helper.make_node("Add", [product, n.input[2]], n.output, name=f"{n.name}/bias_add")]
         del graph.node[:]
         graph.node.extend(nodes)
 
