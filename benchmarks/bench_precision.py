@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from loopgraph.spec import LoopSpec, parse_range  # noqa: E402
 
-PRECISIONS = ("fp32", "int8", "int4", "fp16")
+PRECISIONS = ("fp32", "int8", "int4", "int4-acc4", "fp16")
+#: quantize options per variant; int4-acc4: MatMulNBits with accuracy level 4 (int8 compute on CPU)
+OPTIONS = {"int8": ("int8", None), "int4": ("int4", None), "int4-acc4": ("int4", 4), "fp16": ("fp16", None)}
 
 
-def ensure_files(folder: Path, spec: LoopSpec) -> dict[str, Path]:
+def ensure_files(folder: Path, spec: LoopSpec, variants: tuple[str, ...] = PRECISIONS) -> dict[str, Path]:
     """The looped fp32 file and its quantized copies, made once (never overwritten)."""
     from loopgraph.deploy.quantize import quantize_file
     from loopgraph.rewrite import rewrite
@@ -43,11 +45,12 @@ def ensure_files(folder: Path, spec: LoopSpec) -> dict[str, Path]:
     if not looped.is_file():
         rewrite(folder / "model.onnx", spec, looped)
     files = {"fp32": looped}
-    for to in PRECISIONS[1:]:
-        files[to] = looped.with_suffix(f".{to}.onnx")
-        if not files[to].is_file():
-            print(f"quantizing to {files[to].name} ...", flush=True)
-            quantize_file(looped, files[to], to)
+    for name in variants[1:] if variants[0] == "fp32" else variants:
+        files[name] = looped.with_suffix(f".{name}.onnx")
+        if not files[name].is_file():
+            print(f"quantizing to {files[name].name} ...", flush=True)
+            to, level = OPTIONS[name]
+            quantize_file(looped, files[name], to, accuracy_level=level)
     return files
 
 
@@ -88,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--opt-level", default="extended", help="level of the optimize copies and of loading the plain files")
     ap.add_argument("--only", choices=("load", "speed"), help="run one part")
+    ap.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated, fp32 always first (default {','.join(PRECISIONS)})")
     args = ap.parse_args(argv)
     spec = LoopSpec(*parse_range(args.range), iters=args.iters, reg="uniform", kv="exact")
-    files = ensure_files(args.export, spec)
+    variants = ("fp32", *[v for v in args.variants.split(",") if v and v != "fp32"])
+    unknown = [v for v in variants[1:] if v not in OPTIONS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {', '.join(PRECISIONS)}")
+    files = ensure_files(args.export, spec, variants)
     sizes = {k: p.stat().st_size for k, p in files.items()}
     print(f"SmolLM2-135M with past, looped {spec.range_str} x{spec.iters} uniform kv=exact; ORT CPU, {args.threads} threads, "
           f"median of {args.repeats}")
