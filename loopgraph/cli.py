@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.deploy.cli",
     "loopgraph.eval.cli",
     "loopgraph.experiments.cli",
+    "loopgraph.experiments.tune_cli",
 )
 
 
