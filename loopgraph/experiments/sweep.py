@@ -186,7 +186,9 @@ def execute(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], *,
     ``local``: in this process when ``workers == 1``, else a process pool (spawned processes,
     ``workers`` of them). ``ray``: one Ray task per job asking for ``job.threads`` CPUs, on the
     running Ray instance if this process has one, else on ``ray_address`` (``auto``, ``ray://...``),
-    else on a local instance of ``workers`` CPUs that is shut down afterwards."""
+    else on a local instance of ``workers`` CPUs that is shut down afterwards. ``fn``: the
+    worker's entry point (default :func:`run_job`; ``tune`` passes its own, a module-level function)."""
+    fn = fn or run_job
     if executor not in EXECUTORS:
         raise LoopgraphError(f"--executor {executor!r}: choose local or ray")
     if workers < 1:

@@ -687,14 +687,20 @@ def _confirm(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, fina
 
 
 def detectable_effect(n: int, discordant: Sequence[int], significance: float, k: int, power: float = 0.8) -> float:
-    """The accuracy delta McNemar detects with ``power`` at level ``significance / k`` (Holm's
-    first step) on ``n`` items, normal approximation: ``(z_{1 - a/2} + z_power) * sqrt(q / n)``
-    with ``q`` the share of discordant items (the finalists' mean; at least 1/n)."""
+    """The accuracy delta the confirmation detects on ``n`` items at level ``significance / k``
+    (Holm's first step): the larger of (a) the normal approximation with ``power``,
+    ``(z_{1 - a/2} + z_power) * sqrt(q / n)``, ``q`` the finalists' mean share of discordant items,
+    and (b) the exact floor ``g / n``, ``g`` the fewest gains without a loss that exact McNemar
+    finds significant (no smaller delta can be significant whatever the discordance)."""
+    from loopgraph.eval.stats import mcnemar_exact
     if n < 1:
         return math.nan
+    level = significance / k
     q = max(1.0 / n, (sum(discordant) / len(discordant) / n) if discordant else 1.0 / n)
     z = statistics.NormalDist()
-    return (z.inv_cdf(1 - significance / k / 2) + z.inv_cdf(power)) * math.sqrt(q / n)
+    normal = (z.inv_cdf(1 - level / 2) + z.inv_cdf(power)) * math.sqrt(q / n)
+    g = next((g for g in range(1, n + 1) if mcnemar_exact(g, 0) < level), n + 1)
+    return max(normal, g / n)
 
 
 # --- dry run ----------------------------------------------------------------------------------
