@@ -256,6 +256,8 @@ class BlockChain:
         self.embed = open_session(models.embed, threads=threads)
         self.blocks = [open_session(m, threads=threads) for m in models.blocks]
         self.head = open_session(models.head, threads=threads)
+        for m in (models.embed, *models.blocks, models.head):  # ORT holds the weights now; keep only the graphs' interfaces
+            del m.graph.initializer[:]
         self.num_blocks = len(self.blocks)
         self.block_runs = 0
         self.block_tokens = 0  # ids fed to block sessions (padding excluded)

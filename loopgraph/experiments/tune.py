@@ -240,24 +240,20 @@ class NoiseJob:
     max_batch_tokens: int
 
 
-@functools.lru_cache(maxsize=1)
-def _original(path: str, mtime_ns: int):
-    from loopgraph.onnxio import load_model
-    return load_model(path, load_weights=True)
-
-
 def run_confirm_job(job):
     """A confirmation job: sweep's :class:`Job` (baseline, looped cell) or a :class:`NoiseJob`."""
     from loopgraph.experiments.sweep import JobResult, run_job
     if isinstance(job, Job):
         return run_job(job)
     from loopgraph.eval.runner import LogitsSession
+    from loopgraph.onnxio import load_model
     from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
     t0 = time.perf_counter()
     unit = Unit(job.cell.start, job.cell.end, job.cell.reg.name, (job.cell,))
     spec = dataclasses.replace(unit.spec(), noise_seed=job.noise_seed)
-    lm = LogitsSession(rewrite(_original(job.model, os.stat(job.model).st_mtime_ns), spec).model, threads=job.threads)
+    # not cached: sweep's worker keeps its own copy of the original for the looped cells; one is enough in memory
+    lm = LogitsSession(rewrite(load_model(job.model, load_weights=True), spec).model, threads=job.threads)
     feeds = {ITERS_NAME: np.array(job.cell.iters, np.int64)}
     param = param_name(job.cell.reg.name)
     if param is not None:
@@ -489,6 +485,7 @@ def _tune_task(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, ce
     finally:
         bar.close()
     work["search_seconds"] = time.perf_counter() - t0
+    _chain.cache_clear()  # the confirmation opens other sessions: free the chain's (in this process)
     full = [table[c] for c in active]
     final = finalists(full, confirm)
     p_base, acc_base = _values(task, items, scores, None, len(items), metric)
