@@ -220,18 +220,18 @@ def test_no_effect_confirms_nothing(model, tmp_path):
 # --- resume -----------------------------------------------------------------------------------
 
 def test_resume_scores_nothing_twice(model, tmp_path, monkeypatch):
-    """Stopped after 5 search jobs, then resumed: no (variant, item) pair is scored twice and
+    """Stopped after 2 search jobs, then resumed: no (variant, item) pair is scored twice and
     together the two runs score exactly the schedule's pairs; a third run runs no job at all."""
     kw = {"ranges": "all", "iters": "2,3", "regs": "uniform", "data_dir": DATA_DIR, "tune_limit": 20, "confirm_limit": 10, "n0": 5,
           "cache_dir": tmp_path / "c", "oracle": True, **QUIET}
     real = tune_mod.run_search_job
     scored: list[tuple] = []
-    calls = {"n": 0, "stop_at": 5}
+    calls = {"n": 0, "stop_at": 2}
 
     def counting(job):
         calls["n"] += 1
         if calls["n"] > calls["stop_at"]:
-            raise KeyboardInterrupt  # as if stopped here: the 5 jobs before are committed
+            raise KeyboardInterrupt  # as if stopped here: the 2 jobs before are committed
         out = real(job)
         scored.extend((v, job.items[k]) for v, todo in zip(job.variants, job.todo) for k in todo)
         return out

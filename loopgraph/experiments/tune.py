@@ -64,6 +64,7 @@ DEFAULT_REGS = "uniform,anchor:0.5"
 DEFAULT_N0 = 48
 DEFAULT_ETA = 2
 JOB_TOKENS = 1024  # ids per job: the boundary states of a job (L + 1 per token) stay small
+STARTS_PER_JOB = 6  # start blocks per job: each job computes the boundary states once (L blocks per item)
 Say = Callable[[str], None]
 
 
@@ -162,6 +163,7 @@ class SearchJobResult:
     forwards: int
     setup_seconds: float
     score_seconds: float
+    cpu_seconds: float  # CPU time of the scoring (this process), steady on a busy machine
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,7 +178,7 @@ def run_search_job(job: SearchJob) -> SearchJobResult:
     t0 = time.perf_counter()
     chain = _chain(job.model, os.stat(job.model).st_mtime_ns, job.threads)
     setup = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     runs, tokens, forwards = chain.block_runs, chain.block_tokens, chain.forwards
     chain.clear()
     out: list[tuple] = [()] * len(job.variants)
@@ -194,7 +196,7 @@ def run_search_job(job: SearchJob) -> SearchJobResult:
             out[i] = tuple(tuple(s) for s in scores)
     chain.clear()
     return SearchJobResult(tuple(out), chain.block_runs - runs, chain.block_tokens - tokens, chain.forwards - forwards, setup,
-                           time.perf_counter() - t1)
+                           time.perf_counter() - t1, time.process_time() - c1)
 
 
 def _range_key(v: Variant | None) -> tuple:
@@ -524,9 +526,9 @@ def _run_round(ctx: _Context, scores: _Scores, variants: Sequence[Variant | None
         per_start: dict[int, list[Variant | None]] = {}
         for v in variants:
             if any(i in inside for i in missing[v]):
-                per_start.setdefault(-1 if v is None else v.cell.start, []).append(v)
+                per_start.setdefault(-1 if v is None else v.cell.start // STARTS_PER_JOB, []).append(v)
         starts = sorted(per_start)
-        if len(starts) > 1 and starts[0] == -1:  # the baseline rides along with the first start
+        if len(starts) > 1 and starts[0] == -1:  # the baseline rides along with the first group of starts
             per_start[starts[1]] = per_start.pop(-1) + per_start[starts[1]]
         for vs in per_start.values():
             todo = tuple(tuple(where[i] for i in missing[v] if i in inside) for v in vs)
@@ -715,14 +717,17 @@ def _estimate(ctx: _Context, cells: Sequence[Cell], rounds: Sequence[Round], gro
                     ctx.base.max_length, ctx.threads, ctx.max_batch_tokens)
     probe = run_search_job(job)
     per_block_token = probe.score_seconds / max(1, probe.block_tokens)
-    mean_cost = sum(variant_cost(Variant(c), L) for c in cells) / len(cells)
+    cpu_per_block_token = probe.cpu_seconds / max(1, probe.block_tokens)
+    bound = sum(variant_cost(Variant(c), L) for c in cells)
+    shared = shared_cost(cells, L)  # what the chain really runs for all cells on one item (y_2, x_t shared)
+    mean_cost = bound / len(cells)
     mean_tokens = sum(tokens) / len(tokens)
     search_pairs = pairs(rounds)
     oracle_pairs = len(cells) * min(n0, len(tokens)) if oracle else 0
-    search_bt = (search_pairs + oracle_pairs) * mean_cost * mean_tokens
+    search_bt = (search_pairs + oracle_pairs) * mean_cost * mean_tokens * shared / bound
     starts = len({c.start for c in cells})
-    jobs = math.ceil(sum(tokens) / JOB_TOKENS)
-    boundary = L * sum(tokens) * starts  # every job (item chunk x start) computes h_0..h_L of its items
+    groups_of_starts = len({c.start // STARTS_PER_JOB for c in cells})
+    boundary = L * sum(tokens) * groups_of_starts  # every job (item chunk x group of starts) computes h_0..h_L of its items
     finalist_blocks = L + sum((c.iters - 1) * (c.end - c.start) for c in cells) / len(cells)
     confirm_bt = (1 + 2 * confirm) * finalist_blocks * sum(confirm_tokens)  # baseline counted as a finalist: an upper bound
     t1 = time.perf_counter()
@@ -732,10 +737,30 @@ def _estimate(ctx: _Context, cells: Sequence[Cell], rounds: Sequence[Round], gro
     rewrite_s = time.perf_counter() - t1
     search_s = (search_bt + boundary) * per_block_token / ctx.workers
     confirm_s = (confirm_bt * per_block_token + 2 * confirm * rewrite_s) / ctx.workers
+    cpu_s = (search_bt + boundary + confirm_bt) * cpu_per_block_token + 2 * confirm * rewrite_s
     return {"seconds_per_block_token": per_block_token, "chain_setup_s": setup, "cells": len(cells),
             "rounds": [dataclasses.asdict(r) for r in rounds], "search_pairs": search_pairs, "oracle_pairs": oracle_pairs,
-            "exhaustive_pairs": len(cells) * len(tokens), "mean_cell_blocks": mean_cost, "mean_item_tokens": mean_tokens,
-            "starts": starts, "jobs_per_start": jobs, "boundary_block_tokens": boundary, "search_block_tokens": search_bt,
+            "exhaustive_pairs": len(cells) * len(tokens), "mean_cell_blocks": mean_cost, "sharing": shared / bound,
+            "mean_item_tokens": mean_tokens, "starts": starts, "groups_of_starts": groups_of_starts,
+            "boundary_block_tokens": boundary, "search_block_tokens": search_bt, "cpu_seconds_per_block_token": cpu_per_block_token,
+            "cpu_seconds": cpu_s,
             "search_seconds": search_s, "finalist_blocks": finalist_blocks, "confirm": confirm, "confirm_items": len(confirm_tokens),
             "confirm_block_tokens": confirm_bt, "rewrite_and_session_s": rewrite_s, "confirm_seconds": confirm_s,
             "seconds": search_s + confirm_s + setup, "num_blocks": L, "workers": ctx.workers}
+
+
+def shared_cost(cells: Sequence[Cell], num_blocks: int) -> int:
+    """Blocks the chain runs for one item to score all ``cells`` (beyond the boundary states):
+    per range ``y_2`` once, then per regularizer ``y_3 .. y_maxN``, then a tail per cell."""
+    total = 0
+    ranges: dict[tuple[int, int], list[Cell]] = {}
+    for c in cells:
+        ranges.setdefault((c.start, c.end), []).append(c)
+    for (s, e), cs in ranges.items():
+        looped = [c for c in cs if c.iters > 1]
+        if looped:
+            total += e - s  # y_2
+        for reg in {c.reg for c in looped}:
+            total += (max(c.iters for c in looped if c.reg == reg) - 2) * (e - s)
+        total += len(looped) * (num_blocks - e)
+    return total

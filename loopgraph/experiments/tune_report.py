@@ -258,16 +258,17 @@ def format_dry_run(result: TuneResult) -> str:
                   f"{len(t.splits.confirm)} confirmation items",
                   "  rounds: " + ", ".join(f"{r['cells']} cells x {r['items']} items" for r in e["rounds"]),
                   f"  search: {e['search_pairs']} (cell, item) pairs (exhaustive: {e['exhaustive_pairs']}) + {e['oracle_pairs']} oracle pairs"
-                  f" x {e['mean_cell_blocks']:.1f} blocks per cell (mean (N-1)(E-S) + (L-E)) x {e['mean_item_tokens']:.1f} ids"
-                  f" = {e['search_block_tokens']:.3g} block-tokens",
-                  f"    + boundary states: {e['num_blocks']} blocks x {sum(1 for _ in t.splits.tune)} items' ids x {e['starts']} starts"
+                  f" x {e['mean_cell_blocks']:.1f} blocks per cell (mean (N-1)(E-S) + (L-E)) x {e['sharing']:.2f} (y_2 and x_t shared)"
+                  f" x {e['mean_item_tokens']:.1f} ids = {e['search_block_tokens']:.3g} block-tokens",
+                  f"    + boundary states: {e['num_blocks']} blocks x the tuning ids x {e['groups_of_starts']} job groups of starts"
                   f" = {e['boundary_block_tokens']:.3g} block-tokens",
-                  f"    x {rate * 1e3:.4f} ms per block-token (measured: the chain's baseline on 8 items)"
-                  f" / {e['workers']} worker(s) = {_duration(e['search_seconds'])}",
+                  f"    x {rate * 1e3:.4f} ms per block-token (measured wall: the chain's baseline on 8 items; "
+                  f"{e['cpu_seconds_per_block_token'] * 1e3:.4f} ms of CPU) / {e['workers']} worker(s) = {_duration(e['search_seconds'])}",
                   f"  confirmation: (1 + 2 x {e['confirm']}) graphs x {e['finalist_blocks']:.1f} blocks x the held-out ids"
                   f" = {e['confirm_block_tokens']:.3g} block-tokens, + {2 * e['confirm']} rewrites x {e['rewrite_and_session_s']:.1f} s"
                   f" = {_duration(e['confirm_seconds'])}",
-                  f"  estimated total: {_duration(e['seconds'])} (chain setup {e['chain_setup_s']:.1f} s)"]
+                  f"  estimated total: {_duration(e['seconds'])} wall at the measured rate (chain setup {e['chain_setup_s']:.1f} s); "
+                  f"{_duration(e['cpu_seconds'])} of single-thread CPU (what one free core per worker gives)"]
     return "\n".join(lines)
 
 
