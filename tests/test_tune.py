@@ -260,18 +260,43 @@ def test_resume_scores_nothing_twice(model, tmp_path, monkeypatch):
     assert again.work["pairs"] == 0 and again.work["block_runs"] == 0
     assert [(c.cell, c.delta, c.p_mcnemar) for c in again.confirmations] == [(c.cell, c.delta, c.p_mcnemar) for c in done.confirmations]
 
+    # widened (a second regularizer): the uniform cells' first-round pairs all come from the cache
+    monkeypatch.setattr(tune_mod, "run_search_job", real)
+    monkeypatch.undo()
+    wider = tune(model, ["winogrande"], **{**kw, "regs": "uniform,naive", "oracle": False}).tasks[0]
+    assert wider.work["pairs_cached"] >= len(done.cells) * 5, wider.work
+    assert len(wider.cells) == 2 * len(done.cells)
+
+
+def test_pool_and_ray_give_the_same_standings(model, tmp_path):
+    """--workers 2 (spawned processes) and --executor ray: the same per-cell standings and confirmation as inline."""
+    kw = {"ranges": "0:2,1:3", "iters": "2,3", "regs": "uniform", "data_dir": DATA_DIR, "tune_limit": 8, "confirm_limit": 4,
+          "n0": 4, "confirm": 1, "keep": 2, "cache_dir": None, **QUIET}
+
+    def summary(r):
+        t = r.tasks[0]
+        return sorted((c, st.items, st.signal, st.delta) for c, st in t.table.items()), [(c.cell, c.delta) for c in t.confirmations]
+    inline = summary(tune(model, ["winogrande"], **kw))
+    assert summary(tune(model, ["winogrande"], **kw, workers=2)) == inline
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert summary(tune(model, ["winogrande"], **kw, executor="ray")) == inline
+    finally:
+        ray.shutdown()
+
 
 # --- the command line -------------------------------------------------------------------------
 
 def test_cli_dry_run_and_errors(model, tmp_path):
     common = [model, "--task", "winogrande", "--data-dir", DATA_DIR, "--tune-limit", "12", "--confirm-limit", "8", "--first-items", "4",
-              "--ranges", "0:2,1:3", "--reg", "uniform", "--threads", "1", "--cache-dir", tmp_path / "c", "--no-progress",
+              "--ranges", "0:2,1:3", "--reg", "uniform", "--confirm", "1", "--keep", "2", "--threads", "1", "--cache-dir", tmp_path / "c", "--no-progress",
               "-o", tmp_path / "out"]
     dry = run_cli("tune", *common, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "estimated total:" in dry.stdout and "ms per block-token" in dry.stdout, dry.stdout
     assert not (tmp_path / "out").exists()
-    for extra, match in ((["--confirm", "0"], "--confirm 0"), (["--eta", "1"], "--eta 1"), (["--keep", "1"], "below --confirm")):
+    for extra, match in ((["--confirm", "0"], "--confirm 0"), (["--eta", "1"], "--eta 1"), (["--confirm", "3"], "below --confirm")):
         bad = run_cli("tune", *common, *extra)
         assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and match in bad.stderr, bad.stderr
     done = run_cli("tune", *common)
