@@ -296,9 +296,14 @@ def test_cli_dry_run_and_errors(model, tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "estimated total:" in dry.stdout and "ms per block-token" in dry.stdout, dry.stdout
     assert not (tmp_path / "out").exists()
-    for extra, match in ((["--confirm", "0"], "--confirm 0"), (["--eta", "1"], "--eta 1"), (["--confirm", "3"], "below --confirm")):
-        bad = run_cli("tune", *common, *extra)
-        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and match in bad.stderr, bad.stderr
+    bad = run_cli("tune", *common, "--eta", "1")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--eta 1" in bad.stderr, bad.stderr
+    for kw, match in (({"confirm": 0}, "--confirm 0"), ({"confirm": 3, "keep": 2}, "below --confirm"), ({"executor": "dask"}, "local or ray"),
+                      ({"significance": 2.0}, "between 0 and 1")):
+        with pytest.raises(LoopgraphError, match=match):
+            tune(model, ["winogrande"], data_dir=DATA_DIR, **kw, **QUIET)
+    with pytest.raises(LoopgraphError, match="at least one --task"):
+        tune(model, [], data_dir=DATA_DIR, **QUIET)
     done = run_cli("tune", *common)
     assert done.returncode == 0, done.stderr
     assert {"tune.md", "tune.json", "tune_winogrande_N2_uniform.png", "tune_winogrande_N3_uniform.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
