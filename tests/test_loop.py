@@ -12,7 +12,7 @@ import pytest
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import load_model
-from loopgraph.passes.loop import ITERS_NAME, param_name
+from loopgraph.passes.loop import ITERS_NAME, LoopReport, param_name
 from loopgraph.reference.looped import reference_logits
 from loopgraph.rewrite import rewrite
 from loopgraph.runtime.session import open_session
@@ -111,7 +111,7 @@ def test_graph_structure(original):
     assert all(v.type.tensor_type.HasField("shape") for v in body.input)
     assert len(body.input[2].type.tensor_type.shape.dim) == 3
     # the Loop output keeps the boundary name and has a declared shape
-    assert loop.output[0] == res.reports["wrap-in-loop"]["range_output"]
+    assert loop.output[0] == res.report.range_output == res.reports.get(LoopReport).range_output
     assert loop.output[0] in {v.name for v in model.graph.value_info}
     # no shadowing, all new names prefixed
     outer = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
@@ -177,7 +177,7 @@ def test_fix_subgraph_scope_moves_captured_weights_to_the_main_graph():
     back to the main graph (one copy, read through the outer scope) and ORT runs the result."""
     import onnx_graphsurgeon as gs
 
-    from loopgraph.passes.loop import fix_subgraph_scope
+    from loopgraph.passes.build import fix_subgraph_scope
 
     w = gs.Constant("w", np.arange(4, dtype=np.float32).reshape(2, 2))
     x = gs.Variable("x", np.float32, [2, 2])
