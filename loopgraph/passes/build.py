@@ -76,7 +76,8 @@ class RangeGraph:
 
 
 def open_range(model: onnx.ModelProto, plan) -> RangeGraph:
-    """Import ``model`` into graphsurgeon (the model itself is not changed) and look the plan up."""
+    """Import ``model`` into graphsurgeon (the model itself is not changed) and look up the
+    tensors and nodes named by ``plan`` (a :class:`~loopgraph.passes.plan.RangePlan`)."""
     graph = gs.import_onnx(model)
     if len(graph.nodes) != len(model.graph.node):
         raise RuntimeError("onnx-graphsurgeon changed the node count on import")

@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from loopgraph.naming import lg_name
-from loopgraph.passes.base import PassResult
+from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
 from loopgraph.passes.kv import wire_loop_kv
@@ -57,7 +57,7 @@ class WrapInLoop(RangePass):
     name = "wrap-in-loop"
     gives = LoopReport
 
-    def requires(self, model: onnx.ModelProto, earlier) -> RangePlan:
+    def requires(self, model: onnx.ModelProto, earlier: Reports) -> RangePlan:
         if self.spec.unroll:
             raise ValueError("WrapInLoop got a spec with unroll=True; use passes.unroll.Unroll")
         return super().requires(model, earlier)

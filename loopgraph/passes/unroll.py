@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.naming import lg_name
-from loopgraph.passes.base import PassResult
+from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, scalar_param, splice
 from loopgraph.passes.kv import past_slice, stack_pasts
 from loopgraph.passes.plan import RangePass, RangePlan, RangeReport, record_spec
@@ -50,7 +50,7 @@ class Unroll(RangePass):
     name = "unroll"
     gives = UnrollReport
 
-    def requires(self, model: onnx.ModelProto, earlier) -> RangePlan:
+    def requires(self, model: onnx.ModelProto, earlier: Reports) -> RangePlan:
         if not self.spec.unroll:
             raise ValueError("Unroll needs a spec with unroll=True (it is recorded in the file)")
         if self.spec.dynamic:
