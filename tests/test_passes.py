@@ -239,3 +239,15 @@ def test_is_looped_reads_non_utf8_names():
     assert not is_looped(damaged)
     damaged.graph.node[1].name = "loopgraph/loop"
     assert is_looped(damaged)
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_find_blocks_pass_on_the_toy(kv):
+    model = toy.model(kv=kv)
+    before = model.SerializeToString()
+    result = FindBlocks()(model)
+    assert not result.changed and result.model.SerializeToString() == before
+    bm = result.report.blocks
+    assert (bm.strategy, bm.container, len(bm)) == ("module-path names", "model.layers", toy.BLOCKS)
+    assert [b.input for b in bm.blocks] == ["x"] + [f"/model/layers.{L}/Add_1_output_0" for L in range(toy.BLOCKS - 1)]
+    assert {b.num_nodes for b in bm.blocks} == {10 if kv else 3}  # every node of a block lies on its dataflow path
