@@ -63,7 +63,7 @@ CACHE_NAMESPACE = "loopgraph-tune-chain-v1"
 DEFAULT_REGS = "uniform,anchor:0.5"
 DEFAULT_N0 = 48
 DEFAULT_ETA = 2
-JOB_TOKENS = 1024  # ids per job: the boundary states of a job (L + 1 per token) stay small
+JOB_TOKENS = 256  # ids per job: a job (and the progress bar's step) takes minutes on SmolLM2, not an hour
 STARTS_PER_JOB = 6  # start blocks per job: each job computes the boundary states once (L blocks per item)
 Say = Callable[[str], None]
 
@@ -437,9 +437,16 @@ class _Scores:
         return self.got[variant]
 
     def put(self, variant, new: dict[int, list[Score]]) -> None:
-        self.load(variant)
-        self.cache.put({self.keys[variant][i]: s for i, s in new.items()})
-        self.got[variant].update(new)
+        self.put_many({variant: new})
+
+    def put_many(self, new: dict[object, dict[int, list[Score]]]) -> None:
+        """Store scores of several variants in one cache transaction."""
+        entries = {}
+        for variant, got in new.items():
+            self.load(variant)
+            entries.update({self.keys[variant][i]: s for i, s in got.items()})
+            self.got[variant].update(got)
+        self.cache.put(entries)
 
 
 def _tune_task(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, cells: list[Cell], n0: int, eta: int, keep: int,
@@ -536,10 +543,8 @@ def _run_round(ctx: _Context, scores: _Scores, variants: Sequence[Variant | None
                                   ctx.base.max_length, ctx.threads, ctx.max_batch_tokens))
 
     def on_result(job: SearchJob, result: SearchJobResult) -> None:
-        for v, todo, got in zip(job.variants, job.todo, result.scores):
-            scores.put(v, {job.items[k]: list(s) for k, s in zip(todo, got)})
-            if v is not None:
-                work["pairs"] += len(todo)
+        scores.put_many({v: {job.items[k]: list(s) for k, s in zip(todo, got)} for v, todo, got in zip(job.variants, job.todo, result.scores)})
+        work["pairs"] += sum(len(todo) for v, todo in zip(job.variants, job.todo) if v is not None)
         for key in ("block_runs", "block_tokens", "forwards"):
             work[key] += getattr(result, key)
         bar.update(sum(job_work(job, tokens, ctx.num_blocks)))
