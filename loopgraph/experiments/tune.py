@@ -20,9 +20,10 @@ from the confirmation half; the two sets are disjoint by item key (asserted).
 Resumable and widenable: every (cell, item) score of the search and every confirmation score
 goes to the score cache (:class:`loopgraph.eval.cache.ScoreCache`) as each job finishes; a rerun
 with the same or a wider grid asks for the same pairs and scores only those not cached (the
-confirmation of a looped cell shares ``sweep``'s cache entries). Jobs are (chunk of items,
-start block): the boundary states are computed once per job, and jobs run inline, on a process
-pool or on Ray (:func:`loopgraph.experiments.sweep.execute`).
+confirmation of a looped cell shares ``sweep``'s cache entries). Jobs are (a chunk of items of
+at most ``JOB_TOKENS`` ids, a group of ``STARTS_PER_JOB`` start blocks): the boundary states are
+computed once per job, and jobs run inline, on a process pool or on Ray
+(:func:`loopgraph.experiments.sweep.execute`).
 
 Handled: multiple-choice tasks and ``acc``/``acc_norm``; original exports without KV cache.
 Refused: what ``sweep`` refuses, ``--confirm`` below 1, ``--eta`` below 2, a split left empty.
