@@ -11,14 +11,13 @@ from typing import Any
 import onnx
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import SOURCE_KEY
 from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, external_locations, load_model, resolve_model_path, save_model
 from loopgraph.passes.base import Pass, PassResult, run_passes
 from loopgraph.passes.blocks import BlockMap, find_blocks
 from loopgraph.passes.loop import is_looped, wrap_in_loop
 from loopgraph.passes.unroll import unroll
 from loopgraph.spec import LoopSpec
-
-SOURCE_KEY = "loopgraph.source"
 
 
 @dataclasses.dataclass

@@ -47,7 +47,7 @@ def test_help_and_version():
 
 def test_rewrite_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", "import sys; from loopgraph.cli import build_parser; build_parser();"
-                        "import loopgraph.rewrite, loopgraph.inspect; print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                        "import loopgraph.rewrite, loopgraph.deploy.describe; print('torch' in sys.modules, 'transformers' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "False False", r.stderr
 
@@ -134,8 +134,8 @@ def test_external_data_same_folder_and_copy(work, tmp_path):
     _one_line_error(run_cli("rewrite", ext, "--range", "1:3", "-o", other / "x.onnx"), "--copy-weights")
     assert list(other.iterdir()) == []
     assert run_cli("rewrite", ext, "--range", "1:3", "-o", other / "x.onnx", "--copy-weights").returncode == 0
+    from loopgraph.runtime.inputs import feeds_for
     from loopgraph.runtime.session import open_session
-    from loopgraph.verify import feeds_for
     from tests.conftest import batch_feeds
     feeds = feeds_for(*batch_feeds())
     a = open_session(out).run(feeds, ["logits"])["logits"]

@@ -8,10 +8,11 @@ import pytest
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.report import comparisons, format_text, to_json, write_items
-from loopgraph.eval.runner import SAMPLES_DIR, LogitsSession, OnnxScorer, evaluate, open_model, select
+from loopgraph.eval.runner import SAMPLES_DIR, OnnxScorer, evaluate, open_model, select
 from loopgraph.eval.tasks import TASKS, load_items
-from loopgraph.exporters.export import reference_dir
+from loopgraph.exportdir import reference_dir
 from loopgraph.rewrite import rewrite
+from loopgraph.runtime.logits import LogitsSession
 from loopgraph.spec import LoopSpec
 from tests.conftest import run_cli
 
@@ -142,7 +143,7 @@ def test_kv_cache_exports_are_refused(tiny):
 def test_onnx_and_pytorch_scorers_agree_on_the_tiny_model(models, tiny):
     """Every task type, including left truncation (BoolQ passages exceed the fixture's 256 positions)
     and rolling windows (WikiText)."""
-    from loopgraph.eval.hf_scorer import HFScorer
+    from loopgraph.reference.hf_scorer import HFScorer
     onnx_scorer = OnnxScorer(open_model(models[0]), threads=1, max_batch_tokens=512)
     hf = HFScorer(reference_dir(tiny("llama")), threads=1, batch_items=2)
     assert hf.max_length == onnx_scorer.model.max_length == 256 and hf.prefix_id == onnx_scorer.tokenizer.prefix_id

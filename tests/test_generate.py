@@ -13,7 +13,8 @@ import torch
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.reference.looped import reference_generate, reference_logits
-from loopgraph.runtime.generate import CausalLM, Generation, Sampling, choose, generate, left_pad, open_lm
+from loopgraph.runtime.generate import CausalLM, Generation, Sampling, choose, generate, open_lm
+from loopgraph.runtime.inputs import left_pad
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import REGULARIZERS, LoopSpec
 
