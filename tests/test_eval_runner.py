@@ -2,6 +2,7 @@
 and agreement with the independent PyTorch scorer."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -41,7 +42,10 @@ def test_end_to_end_then_everything_from_the_cache(models, tmp_path):
     for task in TASK_LIST:
         for r in first.results[task.name].values():
             assert len(r.per_item) == 5 and r.from_cache == 0 and r.tokens > 0
-            assert 0.0 <= r.metrics["acc"] <= 1.0 and r.metrics["acc_stderr"] > 0 or r.metrics["acc"] in (0.0, 1.0)
+            acc, se = r.metrics["acc"], r.metrics["acc_stderr"]
+            assert acc == sum(it["acc"] for it in r.per_item) / 5  # the mean of the per-item 0/1 scores
+            # the binomial stderr with the n - 1 sample std: sqrt(acc (1 - acc) / (n - 1)), zero only when all items agree
+            assert se == pytest.approx(math.sqrt(acc * (1 - acc) / 4), rel=1e-12, abs=1e-15), (task.name, acc, se)
     again = run(models, tmp_path)
     for task in TASK_LIST:
         for label, r in again.results[task.name].items():

@@ -79,8 +79,10 @@ def test_ranges_grammar():
 
 def test_iters_regs_and_units():
     assert parse_iters("3,1,2") == [1, 2, 3]
-    for bad in ("0", "2,2", "a", "", "65"):
-        with pytest.raises(LoopgraphError):
+    for bad, match in (("0", r"--iters 0 is out of range; use 1\.\.64"), ("2,2", "lists a value twice"),
+                       ("a", "not a comma-separated list of integers"), ("", "--iters is empty"),
+                       ("65", r"--iters 65 is out of range; use 1\.\.64")):
+        with pytest.raises(LoopgraphError, match=match):
             parse_iters(bad)
     regs = parse_regs("uniform,anchor:0.3,anchor,damped:4")
     assert regs == [Reg("uniform"), Reg("anchor", 0.3), Reg("anchor", 0.5), Reg("damped", 4.0)]
