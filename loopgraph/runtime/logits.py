@@ -24,8 +24,8 @@ class LogitsSession:
     The model is opened with :func:`loopgraph.passes.logits.gather_logits` applied in memory (the
     file is not changed; weights external data stay where they are). A graph the pass refuses is
     opened as it is, with a warning, and the positions are picked from its full logits.
-    ``model``: an .onnx path or export folder, or a loaded ModelProto (with its weights, or with
-    external data that lies beside nothing: then give a path)."""
+    ``model``: an .onnx path or export folder, or a ModelProto that holds its weights (a proto
+    whose weights are external data has no folder to find them in: give its path instead)."""
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                  gather: bool = True) -> None:
