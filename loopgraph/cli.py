@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",
-                       description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in the README).")
+                       description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in docs/rewrite.md).")
     p.add_argument("model", help="the .onnx file of an export")
     add_spec_args(p)
     add_form_args(p)
