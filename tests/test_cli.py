@@ -225,11 +225,11 @@ def test_verify_passes_and_fails(work):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and "bit-exact" in r.stdout
     # a file whose recorded spec disagrees with its graph must fail
+    from loopgraph.metadata import SPEC_KEY, props, set_props
     model = onnx.load(str(work / "l.onnx"))
-    meta = {p.key: p.value for p in model.metadata_props}
-    spec = json.loads(meta["loopgraph.spec"])
+    spec = json.loads(props(model)[SPEC_KEY])
     spec["iters"] = 2
-    onnx.helper.set_model_props(model, {**meta, "loopgraph.spec": json.dumps(spec)})
+    set_props(model, {SPEC_KEY: json.dumps(spec)})
     onnx.save(model, str(work / "bad.onnx"))
     r = run_cli("verify", work / "bad.onnx")
     assert r.returncode == 1 and "FAIL" in r.stdout

@@ -56,17 +56,13 @@ class Model:
     noise_of: str | None = None  # label of the looped model this is the noise control of
 
 
-def open_model(path: str | Path, max_length: int | None = None) -> Model:
+def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.ModelProto | None = None) -> Model:
     """Read a model's metadata and hashes (weights are not loaded). Its label is the recorded
-    spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem."""
-    return read_model(path, max_length)[0]
-
-
-def read_model(path: str | Path, max_length: int | None = None) -> tuple[Model, onnx.ModelProto]:
-    """:func:`open_model` and the header it was read from (graph and metadata, weights not loaded),
-    for a caller that needs the graph too (the sweep finds the blocks in it)."""
+    spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem.
+    ``header``: the model the caller already loaded from ``path``, so it is not read again."""
     p = resolve_model_path(path)
-    header = load_model(p)  # checks external data; never reads it
+    if header is None:
+        header = load_model(p)  # checks external data; never reads it
     external = external_locations(header)
     if any(i.name.startswith(PAST_PREFIX) for i in header.graph.input):
         raise LoopgraphError(f"{p} takes KV-cache inputs (a --with-past export); evaluation feeds whole sequences: "
@@ -80,9 +76,8 @@ def read_model(path: str | Path, max_length: int | None = None) -> tuple[Model, 
         origin = "--max-length"
     if max_length < 1:
         raise LoopgraphError(f"--max-length {max_length} must be at least 1")
-    model = Model(p, spec.slug() if spec else p.stem, spec, source_path, file_sha256(p).hexdigest(),
-                  model_key(p, external, max_length), max_length, origin)
-    return model, header
+    return Model(p, spec.slug() if spec else p.stem, spec, source_path, file_sha256(p).hexdigest(),
+                 model_key(p, external, max_length), max_length, origin)
 
 
 def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -> Path:

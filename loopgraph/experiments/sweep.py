@@ -299,7 +299,8 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
     ORT intra-op threads per job (default: the cores divided by ``workers`` for local runs, 1 per
     Ray task). ``dry_run``: count the cells, measure the baseline's speed on one batch and the
     cost of one rewrite + session, and estimate the time; nothing is scored or written."""
-    from loopgraph.eval.runner import data_dir_default, read_model, select
+    from loopgraph.eval.runner import data_dir_default, open_model, select
+    from loopgraph.onnxio import load_model, resolve_model_path
     from loopgraph.passes.blocks import find_blocks
 
     t0 = time.perf_counter()
@@ -318,7 +319,10 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
         raise LoopgraphError(f"--metric {metric} is not a per-item accuracy of {task}; choose from "
                              f"{', '.join(m for m in the_task.metrics if m in BINARY)}")
     iter_values, reg_values = parse_iters(iters), parse_regs(regs)
-    base, header = read_model(model)  # the one place the path is resolved and the graph read; jobs get base.path
+    path = resolve_model_path(model)  # jobs get this path; each worker loads the model once (_original)
+    # with one local worker every job runs here: load the weights now, once, for this look at the graph and for the jobs
+    header = _original(str(path), path.stat().st_mtime_ns) if executor == "local" and workers == 1 else load_model(path)
+    base = open_model(path, header=header)
     if base.spec is not None:
         raise LoopgraphError(f"{base.path} is already looped ({base.spec.slug()}); sweep the original export (model.onnx)")
     blocks = find_blocks(header)
