@@ -34,9 +34,10 @@ import numpy as np
 from loopgraph.errors import LoopgraphError
 from loopgraph.experiments.plots import Trajectory, trajectory_figure
 from loopgraph.exportdir import model_title
+from loopgraph.naming import lg_name
 from loopgraph.spec import LoopSpec
 
-TRACE_Y, TRACE_X = "loopgraph/trace/y", "loopgraph/trace/x"
+TRACE_Y, TRACE_X = lg_name("trace", "y"), lg_name("trace", "x")
 TOP_K = 5
 
 
