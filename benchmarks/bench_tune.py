@@ -81,7 +81,7 @@ def engines(model: Path, start: int, end: int, items: int, threads: int) -> dict
     (gathered logits). Setup (rewrite + cut + session) and scoring seconds each."""
     import numpy as np
 
-    from loopgraph.eval.runner import LogitsSession, open_model
+    from loopgraph.eval.runner import open_model
     from loopgraph.eval.scoring import score_groups
     from loopgraph.experiments.chain import BlockChain, Variant, _closure, _inferred_infos, _submodel, split_model
     from loopgraph.experiments.graphs import lens_feeds
@@ -93,6 +93,7 @@ def engines(model: Path, start: int, end: int, items: int, threads: int) -> dict
     from loopgraph.passes.dataflow import GraphIndex
     from loopgraph.passes.loop import ITERS_NAME
     from loopgraph.rewrite import rewrite
+    from loopgraph.runtime.logits import LogitsSession
     from loopgraph.runtime.session import open_session
 
     base = open_model(model)

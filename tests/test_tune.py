@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.eval.runner import LogitsSession
 from loopgraph.eval.scoring import score_groups
 from loopgraph.eval.tasks import get_task, load_items
 from loopgraph.experiments import tune as tune_mod
@@ -23,9 +22,11 @@ from loopgraph.experiments.search import pairs, schedule
 from loopgraph.experiments.sweep import sweep, tokenize
 from loopgraph.experiments.tune import detectable_effect, item_identity, make_splits, tune
 from loopgraph.experiments.tune_report import write_outputs
+from loopgraph.metadata import read_spec
 from loopgraph.onnxio import load_model
 from loopgraph.rewrite import rewrite
-from loopgraph.spec import METADATA_KEY, LoopSpec
+from loopgraph.runtime.logits import LogitsSession
+from loopgraph.spec import LoopSpec
 from tests import fixtures
 from tests.conftest import DATA_DIR, run_cli
 
@@ -194,7 +195,7 @@ def test_planted_effect_is_found_confirmed_and_written(model, tmp_path):
     assert t.winner is not None and t.winner.delta == pytest.approx(planted.delta)
     paths = write_outputs(result, tmp_path / "out", write_models=True, say=lambda m: None)
     written = load_model(paths["model_arc_easy"])
-    spec = LoopSpec.from_json({p.key: p.value for p in written.metadata_props}[METADATA_KEY])
+    spec = read_spec(written)
     w = t.winner.cell
     assert (spec.start, spec.end, spec.iters, spec.reg, spec.dynamic) == (w.start, w.end, w.iters, w.reg.name, False)
     md = paths["md"].read_text()

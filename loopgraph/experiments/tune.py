@@ -248,10 +248,10 @@ def run_confirm_job(job):
     from loopgraph.experiments.sweep import JobResult, run_job
     if isinstance(job, Job):
         return run_job(job)
-    from loopgraph.eval.runner import LogitsSession
     from loopgraph.onnxio import load_model
     from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
+    from loopgraph.runtime.logits import LogitsSession
     t0 = time.perf_counter()
     unit = Unit(job.cell.start, job.cell.end, job.cell.reg.name, (job.cell,))
     spec = dataclasses.replace(unit.spec(), noise_seed=job.noise_seed)

@@ -147,7 +147,8 @@ def heatmap_path(out: Path, task: str, iters: int, reg_label: str) -> Path:
 
 def heatmaps(t: TaskTune, result: TuneResult, out: Path) -> list[Path]:
     """Start x end maps of the tuning delta (points, on the items each cell got), one per (N, reg)."""
-    from loopgraph.experiments.plots import HEATMAP_DPI, HEATMAP_SIZE, _pyplot, _save, model_name
+    from loopgraph.experiments.plots import HEATMAP_DPI, HEATMAP_SIZE, _pyplot, _save
+    from loopgraph.exportdir import model_title
     plt = _pyplot()
     L = t.num_blocks
     scale = max([abs(st.delta) * 100 for st in t.table.values()] + [1.0])
@@ -178,7 +179,7 @@ def heatmaps(t: TaskTune, result: TuneResult, out: Path) -> list[Path]:
         ax.set_xlabel(f"end block E (exclusive; the model has {L} blocks)")
         ax.set_ylabel("start block S")
         ax.legend(loc="lower left", fontsize=7)
-        ax.set_title(f"{model_name(result.model)} · tune {t.task.name} ({len(t.splits.tune)} tuning items) · N = {iters}, {label}\n"
+        ax.set_title(f"{model_title(result.model)} · tune {t.task.name} ({len(t.splits.tune)} tuning items) · N = {iters}, {label}\n"
                      f"□ finalist, ★ confirmed on {len(t.splits.confirm)} held-out items; grey: not searched", fontsize=9)
         fig.subplots_adjust(left=0.09, right=0.97, top=0.9, bottom=0.09)
         paths.append(_save(fig, heatmap_path(out, t.task.name, iters, label), HEATMAP_DPI))
