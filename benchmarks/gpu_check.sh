@@ -125,7 +125,8 @@ import onnxruntime as ort
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import generate, open_lm, positions
+from loopgraph.runtime.generate import generate, open_lm
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.runtime.tokenizer import TextTokenizer
 from loopgraph.spec import LoopSpec
@@ -319,7 +320,8 @@ from loopgraph.deploy.optimize import optimize_file
 from loopgraph.deploy.quantize import quantize_file
 from loopgraph.errors import LoopgraphError
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import generate, open_lm, positions
+from loopgraph.runtime.generate import generate, open_lm
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import LoopSpec
 

@@ -17,7 +17,8 @@ from loopgraph.deploy.quantize import quantize_model
 from loopgraph.metadata import all_graphs
 from loopgraph.onnxio import load_model
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import CausalLM, positions
+from loopgraph.runtime.generate import CausalLM
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import LoopSpec
 from tests.conftest import batch_feeds, run_cli

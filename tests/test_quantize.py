@@ -23,7 +23,9 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import all_graphs, props
 from loopgraph.onnxio import load_model
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import CausalLM, Generation, generate, left_pad, positions
+from loopgraph.runtime.generate import CausalLM, Generation, generate
+from loopgraph.runtime.inputs import left_pad
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import LoopSpec
 from tests.conftest import batch_feeds, run_cli

@@ -25,9 +25,9 @@ from loopgraph.metadata import all_graphs
 from loopgraph.onnxio import load_model
 from loopgraph.passes.shapes import residual_type
 from loopgraph.rewrite import rewrite
+from loopgraph.runtime.inputs import feeds_for
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import REGULARIZERS, LoopSpec
-from loopgraph.verify import feeds_for
 from tests.conftest import batch_feeds
 
 IDS, MASK = batch_feeds()

@@ -159,7 +159,7 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> None:
     MatMulNBitsQuantizer only rewrites MatMul, and GPT-2's exported linear layers are Gemm. The
     Gemm's output keeps its name (the Add writes it); the MatMul keeps the Gemm's node name. The
     two new names derive from the Gemm's, without the ``loopgraph/`` prefix: that prefix on a node
-    marks a file loopgraph has looped (``passes.loop.is_looped``), and a quantized original is not."""
+    marks a file loopgraph has looped (``passes.blocks.is_looped``), and a quantized original is not."""
     from onnx import helper
     for _level, graph, visible in _walk(model.graph):
         nodes = []
