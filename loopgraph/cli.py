@@ -54,7 +54,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from loopgraph.rewrite import rewrite
     t0 = time.time()
     spec = spec_from_args(args)
-    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights)
+    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force)
     s = result.spec
     report = result.reports["unroll" if s.unroll else "wrap-in-loop"]
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
@@ -107,13 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
     p.add_argument("--alpha", type=float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
     p.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
-    p.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
+    p.add_argument("--kv", default="exact", choices=list(KV_MODES),
+                   help="KV cache of with-past exports: exact (default; one ordinary pair per virtual layer, runs under Optimum and "
+                        "onnxruntime-genai), stacked (rank-5 per-iteration caches; the one --dynamic allows), first/last (approximations)")
     p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
     p.add_argument("--noise-control", type=int_arg, metavar="SEED",
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
     p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
     p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
-    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx), or a folder "
+                                          "(ending in / or existing): a runnable folder for Optimum and onnxruntime-genai")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 

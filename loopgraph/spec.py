@@ -44,7 +44,10 @@ REGULARIZERS: dict[str, str | None] = {
     "auto-align": None,
     "damped": "k",
 }
-KV_MODES = ("exact", "first", "last")
+#: with-past exports: ``exact`` one ordinary cache pair per virtual layer (the standard layout, what
+#: stock drivers run); ``stacked`` rank-5 per-iteration caches (the one that allows ``dynamic``);
+#: ``first``/``last`` one cache per block, an approximation (see :mod:`loopgraph.passes.kv`)
+KV_MODES = ("exact", "stacked", "first", "last")
 MAX_ITERS = 64
 METADATA_KEY = "loopgraph.spec"
 

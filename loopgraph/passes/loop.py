@@ -3,7 +3,8 @@
 Handles: any range of blocks found by :mod:`loopgraph.passes.blocks` (including S = 0 and the
 full depth), every regularizer, baked or ``dynamic`` trip count and weight.
 With-past exports: the looped blocks' caches are wired by :mod:`loopgraph.passes.kv`
-(``spec.kv``: exact per-iteration caches, or first/last-iteration approximations).
+(``spec.kv``: exact caches in the standard layout, one pair per virtual layer, or stacked
+per iteration; or first/last-iteration approximations).
 Refuses: a model that is already looped, opset < 13, a range whose intermediate tensors are
 read after the range (the body could not be closed).
 
@@ -33,7 +34,7 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.passes.base import PassResult
 from loopgraph.passes.blocks import BlockMap
 from loopgraph.passes.dataflow import GraphIndex
-from loopgraph.passes.kv import PRESENT_PREFIX, wire_kv
+from loopgraph.passes.kv import PRESENT_PREFIX, KvCarry, carry_kv, check_kv, record_virtual_layers, standard_layout, wire_kv
 from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name, replace_tensor
 from loopgraph.spec import METADATA_KEY, REGULARIZERS, LoopSpec
 
@@ -82,6 +83,7 @@ def check_loopable(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> 
     if spec.start is None or spec.end is None or not 0 <= spec.start < spec.end <= len(blocks):
         raise LoopgraphError(f"range {spec.range_str} is not resolved against the model's "
                              f"{len(blocks)} blocks; call spec.resolve(len(blocks)) first")
+    check_kv(model, spec)
 
 
 def select_body(model: onnx.ModelProto, blocks: BlockMap, spec: LoopSpec) -> tuple[str, str, list[int]]:
@@ -147,14 +149,16 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
 
     x_next, state_out = build_update(b, spec.reg, iteration, y, x_prev, state_in, weight, shape)
     cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
-    body_outputs = [cond_out, x_next] + [state_out[s.name] for s in states]
+    standard = standard_layout(spec, graph.inputs)
+    carry = carry_kv(graph, body_nodes, spec) if standard else KvCarry()  # loop-carried: before the scan outputs
+    body_outputs = [cond_out, x_next] + [state_out[s.name] for s in states] + carry.body_outputs
     trace_names = ("y", "x") if spec.trace else ()
     body_outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(trace_names, (y, x_next))]
     iters_dim = "loopgraph_iters" if spec.dynamic else spec.iters
     pre, post, kv_start = BodyBuilder("init", dtype), BodyBuilder("post", dtype), BodyBuilder("kv", dtype)
-    kv_body, kv_loop = wire_kv(graph, body_nodes, spec.kv, iteration, iters_dim, b, kv_start, post)
+    kv_body, kv_loop = ([], []) if standard else wire_kv(graph, body_nodes, spec.kv, iteration, iters_dim, b, kv_start, post)
     body_outputs += kv_body
-    body = gs.Graph(nodes=body_nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values()],
+    body = gs.Graph(nodes=body_nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *carry.body_inputs],
                     outputs=body_outputs, name=lg_name("body"), opset=graph.opset)
     body.toposort()  # the regularizer and KV-slice nodes were appended after the range's nodes
 
@@ -167,8 +171,8 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     finals = {s.name: gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in states}
     x_final = out if spec.noise_seed is None else gs.Variable(lg_name("loop", "x_final"), dtype, shape)
     traces = [gs.Variable(lg_name("trace", n), dtype, [iters_dim, *shape]) for n in trace_names]
-    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states],
-                   outputs=[x_final, *finals.values(), *traces, *kv_loop], attrs={"body": body})
+    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), x0] + [inits[s.init] for s in states] + carry.loop_inputs,
+                   outputs=[x_final, *finals.values(), *carry.loop_outputs, *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
         noise_control(post, x_final, finals["r"], out, spec.noise_seed, shape)
     graph.outputs.extend(traces)
@@ -186,7 +190,7 @@ def wrap_in_loop(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Pa
     check_postconditions(new)
     report = {"range": f"{spec.start}:{spec.end}", "blocks": len(blocks), "iters": spec.iters, "reg": spec.reg,
               "body_nodes": len(body_nodes), "regularizer_nodes": len(b.nodes), "dynamic": spec.dynamic,
-              "kv": spec.kv if kv_loop else None,
+              "kv": spec.kv if kv_loop or carry.loop_outputs else None,
               "range_input": x0_name, "range_output": out_name}
     return PassResult(new, True, report)
 
@@ -264,6 +268,8 @@ def record_spec(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> Non
                                    METADATA_KEY: spec.to_json(),
                                    "loopgraph.version": __version__,
                                    "loopgraph.blocks": str(len(blocks))})
+    if standard_layout(spec, model.graph.input):
+        record_virtual_layers(model, spec, len(blocks))
 
 
 def check_postconditions(model: onnx.ModelProto) -> None:

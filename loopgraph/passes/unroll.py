@@ -5,7 +5,9 @@ iteration number a constant per copy), for runtimes that prefer straight-line gr
 refuses CUDA graphs for models with control flow, and TensorRT builds them more simply.
 
 Handles: every regularizer, noise control, trace outputs, with-past exports (``exact``: copy t
-reads slice t of the stacked past and the presents are stacked; ``first``/``last``: every copy
+reads and writes its own cache pair ``past_key_values.{v}``/``present.{v}`` of the standard layout
+directly, no copy; ``stacked``: copy t reads slice t of the stacked past and the presents are
+stacked; ``first``/``last``: every copy
 reads the one past, the present comes from the first or the last copy).
 Refuses: ``dynamic`` (N copies are fixed at rewrite time) and everything the Loop form refuses.
 All copies read the *same* weight initializers: no weight is stored twice.
@@ -20,7 +22,7 @@ import onnx_graphsurgeon as gs
 from loopgraph.errors import LoopgraphError
 from loopgraph.passes.base import PassResult
 from loopgraph.passes.blocks import BlockMap
-from loopgraph.passes.kv import PAST_PREFIX, PRESENT_PREFIX
+from loopgraph.passes.kv import PAST_PREFIX, PRESENT_PREFIX, name_unrolled_presents, standard_layout, unroll_kv
 from loopgraph.passes.loop import (
     check_loopable,
     check_postconditions,
@@ -78,7 +80,11 @@ def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResu
     pasts = [t for t in graph.inputs if t.name.startswith(PAST_PREFIX) and any(id(c) in in_body for c in t.outputs)]
     presents = [t for t in graph.outputs if t.name.startswith(PRESENT_PREFIX) and t.inputs and id(t.inputs[0]) in in_body]
     kv_start, pre, post = BodyBuilder("kv", dtype), BodyBuilder("init", dtype), BodyBuilder("post", dtype)
-    if spec.kv == "exact":
+    standard = standard_layout(spec, graph.inputs)
+    kv_inputs, standard_presents = unroll_kv(graph, body_nodes, spec) if standard else ([{} for _ in range(spec.iters)], [])
+    if standard:
+        presents = []  # wired by name_unrolled_presents: each copy writes its own present.{v}
+    if spec.kv == "stacked":
         for past in pasts:
             outer_readers = [c for c in past.outputs if id(c) not in in_body]
             past.shape = [spec.iters, *past.shape]
@@ -96,12 +102,12 @@ def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResu
     state = {s.name: init[s.init] for s in states}
 
     copies: list[gs.Node] = []
-    x_prev, ys, xs, per_copy_presents = x0, [], [], []
+    x_prev, ys, xs, per_copy_presents, copy_maps = x0, [], [], [], []
     for t in range(1, spec.iters + 1):
         b = BodyBuilder(f"iter{t}", dtype)
         iteration = b.const(np.array(t - 1, np.int64), "iteration")
-        mapping: dict[int, gs.Tensor] = {id(x0): x_prev}
-        if spec.kv == "exact":
+        mapping: dict[int, gs.Tensor] = {id(x0): x_prev, **kv_inputs[t - 1]}
+        if spec.kv == "stacked":
             for past in pasts:
                 mapping[id(past)] = b.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:],
                                          name=f"{past.name}/iteration")
@@ -114,11 +120,12 @@ def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResu
         ys.append(y)
         xs.append(x_prev)
         per_copy_presents.append([mapping[id(p)] for p in presents])
+        copy_maps.append(mapping)
 
     # Outer wiring: presents, trace outputs, the range output (same name as before).
     for i, present in enumerate(presents):
         present.inputs.clear()
-        if spec.kv == "exact":
+        if spec.kv == "stacked":
             present.shape = [spec.iters, *(present.shape or [])]
             _stack(post, [c[i] for c in per_copy_presents], present, f"{present.name}/stack")
         else:
@@ -135,6 +142,8 @@ def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResu
     else:
         post.nodes.append(gs.Node("Identity", name=lg_name("post", "x_final"), inputs=[x_prev], outputs=[out]))
 
+    if standard:
+        name_unrolled_presents(graph, standard_presents, copy_maps, spec)
     producer_index = max(body_ids)
     moved = in_body
     graph.nodes = kv_start.nodes + [n for n in graph.nodes[:producer_index] if id(n) not in moved] + pre.nodes + copies + post.nodes + \
@@ -144,6 +153,6 @@ def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResu
     record_spec(new, spec, blocks)
     check_postconditions(new)
     report = {"range": f"{spec.start}:{spec.end}", "blocks": len(blocks), "iters": spec.iters, "reg": spec.reg,
-              "copied_nodes": len(body_nodes) * spec.iters, "kv": spec.kv if presents else None,
+              "copied_nodes": len(body_nodes) * spec.iters, "kv": spec.kv if presents or standard_presents else None,
               "range_input": x0_name, "range_output": out_name}
     return PassResult(new, True, report)
