@@ -81,6 +81,16 @@ def feeds_for(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
 
 
+def run_logits(session, folder: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of a prompt batch; a with-past file gets zero-length pasts in its own layout (standard,
+    stacked or first/last: :class:`loopgraph.runtime.generate.CausalLM` reads it from the session)."""
+    feeds = feeds_for(ids, mask)
+    if any(name.startswith("past_key_values.") for name in session.inputs):
+        from loopgraph.runtime.generate import open_lm
+        feeds.update(open_lm(session, folder).initial_past(len(ids)))
+    return session.run(feeds, ["logits"])["logits"]
+
+
 def compare(label: str, got: np.ndarray, ref: np.ndarray, mask: np.ndarray, atol: float, rtol: float) -> Comparison:
     valid = mask.astype(bool)
     g, r = got[valid], ref[valid]
@@ -131,7 +141,7 @@ def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None
     comparisons = []
     batches = [(", ".join(repr(t[:24]) for t in group), *encode(path.parent, group, hf.config.vocab_size)) for group in prompts]
     for label, ids, mask in batches:
-        got = session.run(feeds_for(ids, mask), ["logits"])["logits"]
+        got = run_logits(session, path.parent, ids, mask)
         ref = reference_logits(hf, spec, ids, mask).numpy()
         comparisons.append(compare(label, got, ref, mask, atol, rtol))
 
@@ -144,8 +154,7 @@ def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None
         try:
             rewrite(original, one, output=tmp)
             s1, s0 = open_session(tmp, device=device), open_session(original, device=device)
-            n1 = max(float(np.abs(s1.run(feeds_for(i, m), ["logits"])["logits"] - s0.run(feeds_for(i, m), ["logits"])["logits"]).max())
-                     for _, i, m in batches)
+            n1 = max(float(np.abs(run_logits(s1, path.parent, i, m) - run_logits(s0, original.parent, i, m)).max()) for _, i, m in batches)
         finally:
             os.unlink(tmp)
     return VerifyReport(spec, session.providers[0], comparisons, n1)

@@ -38,8 +38,8 @@ from typing import Any
 import onnx
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.metadata import read_virtual_layers
 from loopgraph.naming import PAST_PREFIX
+from loopgraph.passes.kv import virtual_layers
 
 MANIFEST = "loopgraph.json"
 GENAI_CONFIG = "genai_config.json"
@@ -123,10 +123,10 @@ def cache_pairs(model: onnx.ModelProto) -> int:
 
 def write_side_files(export_dir: Path, folder: Path, model: onnx.ModelProto, num_blocks: int, spec) -> None:
     """config.json, tokenizer, generation_config.json, loopgraph.json and genai_config.json."""
-    layers = num_blocks + (spec.iters - 1) * (spec.end - spec.start)  # V: block applications per token
     layout = cache_layout(model)
     config = json.loads((export_dir / "config.json").read_text())
-    config.update(looped_config(config, layers, layout))
+    vmap = virtual_layers(num_blocks, spec.start, spec.end, spec.iters)
+    config.update(looped_config(config, vmap, layout))
     _write_json(folder / "config.json", config)
     for name in (*TOKENIZER_FILES, *PASSED_THROUGH):
         if (export_dir / name).is_file():
@@ -135,19 +135,25 @@ def write_side_files(export_dir: Path, folder: Path, model: onnx.ModelProto, num
     ref = manifest.get("reference")
     if ref and not Path(ref).is_absolute():  # relative to the export (e.g. "hf" for a GGUF source)
         manifest["reference"] = str((export_dir / ref).resolve())
-    vmap = read_virtual_layers(model)
-    manifest["rewrite"] = {"spec": json.loads(spec.to_json()), "export": str(export_dir.resolve()), "virtual_layers": layers,
-                           "original_layers": num_blocks, "kv_layout": layout, "virtual_layer_map": vmap}
+    manifest["rewrite"] = {"spec": json.loads(spec.to_json()), "export": str(export_dir.resolve()), "virtual_layers": len(vmap),
+                           "original_layers": num_blocks, "kv_layout": layout, "virtual_layer_map": [list(e) for e in vmap]}
     _write_json(folder / MANIFEST, manifest)
     if layout == "rank4":
         generation = _read_json(export_dir / "generation_config.json") or {}
         _write_json(folder / GENAI_CONFIG, genai_config(config, generation, cache_pairs(model)))
 
 
-def looped_config(config: dict[str, Any], layers: int, layout: str) -> dict[str, Any]:
-    """The keys of config.json a looped folder changes: the layer count (V) and ``use_cache``."""
+def looped_config(config: dict[str, Any], vmap: list[tuple[int, int]], layout: str) -> dict[str, Any]:
+    """The keys of config.json a looped folder changes: the layer count (V), ``use_cache``, and
+    per-layer lists (``layer_types`` of Qwen2/Gemma2...: transformers checks their length against
+    the layer count) expanded to one entry per virtual layer, the entry of its block."""
     key = "n_layer" if "n_layer" in config else "num_hidden_layers"
-    return {key: layers, ORIGINAL_LAYERS_KEY: config.get(key), "use_cache": layout == "rank4"}
+    blocks = config.get(key)
+    changed: dict[str, Any] = {key: len(vmap), ORIGINAL_LAYERS_KEY: blocks, "use_cache": layout == "rank4"}
+    for name, value in config.items():
+        if isinstance(value, list) and len(value) == blocks and name.startswith("layer_"):
+            changed[name] = [value[b] for b, _ in vmap]
+    return changed
 
 
 def _ids(value: Any) -> list[int]:
@@ -184,12 +190,19 @@ def genai_config(config: dict[str, Any], generation: dict[str, Any], pairs: int)
     }
     model = {"bos_token_id": bos[0] if bos else eos[0], "context_length": int(context), "decoder": decoder,
              "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": pad[0],
-             "type": config.get("model_type", "llama"), "vocab_size": int(config["vocab_size"])}
+             "type": genai_type(config.get("model_type")), "vocab_size": int(config["vocab_size"])}
     search = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
               "max_length": int(context), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
               "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
               "temperature": 1.0, "top_k": 1, "top_p": 1.0}
     return {"model": model, "search": search}
+
+
+def genai_type(model_type: str | None) -> str:
+    """The model class onnxruntime-genai should use. Its ``gpt2`` class expects the combined
+    ``past_%d`` cache of old GPT-2 exports; Optimum's GPT-2 export has separate key/value pairs
+    like every other decoder, which genai's generic decoder class (type ``llama``) drives."""
+    return "llama" if model_type in (None, "gpt2") else model_type
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -164,6 +164,7 @@ def carry_kv(graph: gs.Graph, body_nodes: list[gs.Node], spec: LoopSpec) -> KvCa
     for past, present, block, kind in caches:
         # [batch, kv_heads, past, head_dim]; the past axis changes length (past -> past + seq) as slots rotate
         slot_shape = None if past.shape is None else [*past.shape[:-2], None, past.shape[-1]]
+        # named under loopgraph/body/kv/: deploy.tensorrt recognises the slots by this scope
         slots = [gs.Variable(lg_name("body", "kv", f"{block}.{kind}", f"slot{j}"), past.dtype, slot_shape) for j in range(spec.iters)]
         for node in [c for c in past.outputs if id(c) in in_body]:  # this iteration's past is slot 0
             replace_tensor(node.inputs, past, slots[0])
