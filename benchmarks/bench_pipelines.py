@@ -20,7 +20,8 @@ range, 0.263 for 10:20 of SmolLM2 measured by bench_graph.py; ideal = 1 + (N - 1
 within 5 %), and the KV cache bytes after the prefill: standard layout / original against
 (L + (N - 1)(E - S)) / L. First, the cache plumbing alone: one decode step with a cache of the
 largest context filled with random values, median of ``--step-repeats``, for the original, stacked,
-standard and unrolled files. The machine's load average is printed before and after (shared machine).
+standard and unrolled files, and a Concat+Gather adapter around the stacked file (the alternative).
+The machine's load average is printed before and after (shared machine).
 """
 
 from __future__ import annotations
@@ -164,6 +165,48 @@ def step_time(path: Path, folder: Path, context: int, threads: int, repeats: int
     return float(np.median(times[1:]))
 
 
+def concat_gather_adapter(stacked: Path):
+    """The alternative the standard layout was chosen against: the stacked file behind an adapter that
+    takes N ordinary pasts per looped cache (Unsqueeze + Concat into the rank-5 input the body
+    Gathers from) and Splits the stacked present back (+ Squeeze): ordinary rank-4 pairs outside,
+    two more copies inside. Names ``past_key_values.a{L}i{t}.*`` (timing only)."""
+    import onnx
+    from onnx import helper
+    model = onnx.load(str(stacked))
+    g = model.graph
+    nodes = []
+    zero = helper.make_tensor("adapter/axis0", onnx.TensorProto.INT64, [1], [0])
+    g.initializer.append(zero)
+    for inp in [i for i in g.input if len(i.type.tensor_type.shape.dim) == 5]:
+        n = inp.type.tensor_type.shape.dim[0].dim_value
+        layer, kind = inp.name[len("past_key_values."):].split(".")
+        parts = []
+        for t in range(n):
+            name = f"past_key_values.a{layer}i{t}.{kind}"
+            four = helper.make_tensor_value_info(name, inp.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim[1:]])
+            g.input.append(four)
+            nodes.append(helper.make_node("Unsqueeze", [name, "adapter/axis0"], [f"adapter/{name}/u"]))
+            parts.append(f"adapter/{name}/u")
+        nodes.append(helper.make_node("Concat", parts, [inp.name], axis=0))
+        g.input.remove(inp)
+    for out in [o for o in g.output if len(o.type.tensor_type.shape.dim) == 5]:
+        n = out.type.tensor_type.shape.dim[0].dim_value
+        layer, kind = out.name[len("present."):].split(".")
+        pieces = [f"adapter/{out.name}/{t}" for t in range(n)]
+        nodes.append(helper.make_node("Split", [out.name], pieces, axis=0, num_outputs=n))
+        for t, piece in enumerate(pieces):
+            name = f"present.a{layer}i{t}.{kind}"
+            nodes.append(helper.make_node("Squeeze", [piece, "adapter/axis0"], [name]))
+            g.output.append(helper.make_tensor_value_info(name, out.type.tensor_type.elem_type, None))
+        g.output.remove(out)
+    g.node.extend(nodes)
+    stash = list(g.node)  # keep a topological order: the adapter's input nodes first
+    del g.node[:]
+    g.node.extend([n for n in stash if n.op_type in ("Unsqueeze", "Concat") and n.output[0].startswith(("adapter/", "past_key_values."))]
+                  + [n for n in stash if not (n.op_type in ("Unsqueeze", "Concat") and n.output[0].startswith(("adapter/", "past_key_values.")))])
+    return model
+
+
 def cache_bytes(path: Path, folder: Path, prompt: list[int], threads: int) -> int:
     """Bytes of all present.* outputs after a prefill of ``prompt``."""
     from loopgraph.runtime.generate import open_lm, positions
@@ -211,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = {name: step_time(path, where, max(args.contexts), args.threads, args.step_repeats)
              for name, path, where in (("original", export / "model.onnx", export), ("stacked", stacked, export),
+                                       ("concat+gather adapter", concat_gather_adapter(stacked), export),
                                        ("standard", folder / "model.onnx", folder), ("unrolled", unrolled, export))}
     print(f"one decode step with a {max(args.contexts)}-token cache (random values), median of {args.step_repeats}: "
           + ", ".join(f"{k} {1000 * t:.1f} ms" for k, t in steps.items())
-          + f"; standard / stacked {steps['standard'] / steps['stacked']:.3f}, unrolled / stacked {steps['unrolled'] / steps['stacked']:.3f}",
+          + f"; standard / stacked {steps['standard'] / steps['stacked']:.3f}, unrolled / stacked {steps['unrolled'] / steps['stacked']:.3f}, "
+          f"adapter / stacked {steps['concat+gather adapter'] / steps['stacked']:.3f}",
           flush=True)
     if args.only_steps:
         return 0

@@ -144,6 +144,8 @@ def test_folder_contents_and_tools(tiny, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "  KV cache pairs (standard layout): 8 virtual layers, past_key_values.{v} / present.{v}" in shown.stdout
     assert "    v 3..4     -> blocks 1..2, iteration 2" in shown.stdout.splitlines()
+    generated = run_cli("generate", folder / "model.onnx", "-p", "The capital of France is", "--max-new-tokens", "4", "--threads", "1")
+    assert generated.returncode == 0 and "kv=exact: 8 virtual-layer cache pairs" in generated.stderr, generated.stderr
     checked = run_cli("check", folder / "model.onnx", "--target", "tensorrt")
     assert checked.returncode != 0 and "change length across iterations" in checked.stdout + checked.stderr
     verified = run_cli("verify", folder / "model.onnx")
