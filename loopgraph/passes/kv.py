@@ -1,6 +1,7 @@
 """KV-cache wiring of a looped range in a with-past export (DESIGN §5).
 
-Every iteration of a looped block sees a different input, so it needs its own cache.
+Every iteration of a looped block sees a different input, so it needs its own cache. The
+plan's KV slots (:class:`loopgraph.passes.plan.KvSlot`) say which caches are the looped blocks'.
 
 - ``exact`` (the standard layout, the default): a model of L blocks looped over [S, E) N times
   executes V = L + (N - 1)(E - S) block applications, the *virtual layers*. Each gets an
@@ -14,12 +15,12 @@ Every iteration of a looped block sees a different input, so it needs its own ca
   value into the Loop's output once (``loop.cc``: "no way to avoid a copy as we need the final
   shape"): one copy of the looped presents per step, no copy of the pasts. (``stacked`` copies
   twice: the ``Gather`` of the past slice and the scan-output concatenation.) With ``unroll``
-  copy t reads and writes its own pair directly: no copy at all.
+  copy t reads and writes its own pair directly (:func:`unroll_kv`): no copy at all.
 - ``stacked``: for each looped block, ``past_key_values.L.*`` gains a leading axis of size N
-  ([N, batch, kv_heads, past, head_dim]); the body reads its slice with
-  ``Gather(past, iteration, axis=0)``; ``present.L.*`` becomes a Loop scan output
-  ([N, batch, kv_heads, past + seq, head_dim]). Equivalent to recomputing without a cache.
-  The one layout that allows ``dynamic`` (N at run time: the number of pairs would depend on N).
+  ([N, batch, kv_heads, past, head_dim]); iteration t reads its slice with
+  ``Gather(past, t, axis=0)``; ``present.L.*`` becomes a Loop scan output (stacked per
+  iteration: [N, batch, kv_heads, past + seq, head_dim]). Equivalent to recomputing without a
+  cache; the one layout that allows ``dynamic`` (N at run time: the number of pairs would follow N).
 - ``first`` / ``last``: the original inputs and outputs are kept (one cache slot per block) so
   stock drivers (Optimum's ORTModelForCausalLM) can run the file. Every iteration attends to
   that one past; the present is the first or the last iteration's. An approximation.
@@ -41,38 +42,45 @@ import onnx_graphsurgeon as gs
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import VIRTUAL_LAYERS_KEY, set_props
-from loopgraph.passes.regularize import BodyBuilder, lg_name, replace_tensor
+from loopgraph.naming import PAST_PREFIX, PRESENT_PREFIX, lg_name
+from loopgraph.passes.build import BodyBuilder, RangeGraph, replace_tensor
 from loopgraph.spec import LoopSpec
 
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
+
+def stack_pasts(rng: RangeGraph, iters_dim: int | str, outer_pre: BodyBuilder) -> None:
+    """``stacked``: give each looped past its leading axis of N; outer readers (``Shape(past)``
+    for the past length) read iteration 0's slice instead."""
+    in_body = rng.node_ids
+    for past in rng.pasts:
+        outer_readers = [c for c in past.outputs if id(c) not in in_body]
+        past.shape = [iters_dim, *past.shape]
+        if outer_readers:  # e.g. Shape(past) for the past length: iteration 0 has it
+            first = outer_pre.op("Gather", past, outer_pre.const(np.array(0, np.int64), f"{past.name}/zero"),
+                                 attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
+            for node in outer_readers:
+                replace_tensor(node.inputs, past, first)
 
 
-def wire_kv(graph: gs.Graph, body_nodes: list[gs.Node], mode: str, iteration: gs.Variable, iters_dim,
-            body: BodyBuilder, outer_pre: BodyBuilder, outer_post: BodyBuilder) -> tuple[list[gs.Tensor], list[gs.Variable]]:
-    """Rewire the caches of the looped blocks. Returns (body scan outputs, Loop scan outputs)."""
-    in_body = {id(n) for n in body_nodes}
-    past_inputs = [t for t in graph.inputs if t.name.startswith(PAST_PREFIX)
-                   and any(id(c) in in_body for c in t.outputs)]
-    present_outputs = [t for t in graph.outputs if t.name.startswith(PRESENT_PREFIX)
-                       and t.inputs and id(t.inputs[0]) in in_body]
+def past_slice(b: BodyBuilder, past: gs.Variable, iteration: gs.Tensor) -> gs.Variable:
+    """``stacked``: iteration t's cache, ``past[t]`` (after :func:`stack_pasts`)."""
+    return b.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration")
+
+
+def wire_loop_kv(rng: RangeGraph, mode: str, iteration: gs.Variable, iters_dim: int | str,
+                 body: BodyBuilder, outer_pre: BodyBuilder, outer_post: BodyBuilder) -> tuple[list[gs.Tensor], list[gs.Variable]]:
+    """Rewire the looped blocks' caches for the Loop form (``stacked``, ``first``, ``last``; the
+    standard layout is :func:`carry_kv`). Returns (body scan outputs, Loop scan outputs)."""
+    in_body = rng.node_ids
     if mode == "stacked":
-        for past in past_inputs:
-            inner_readers = [c for c in past.outputs if id(c) in in_body]
-            outer_readers = [c for c in past.outputs if id(c) not in in_body]
-            past.shape = [iters_dim, *past.shape]
-            sliced = body.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:],
-                             name=f"{past.name}/iteration")
-            for node in inner_readers:
+        inner_readers = {id(p): [c for c in p.outputs if id(c) in in_body] for p in rng.pasts}
+        stack_pasts(rng, iters_dim, outer_pre)
+        for past in rng.pasts:
+            sliced = past_slice(body, past, iteration)
+            for node in inner_readers[id(past)]:
                 replace_tensor(node.inputs, past, sliced)
-            if outer_readers:  # e.g. Shape(past) for the past length: iteration 0 has it
-                first = outer_pre.op("Gather", past, outer_pre.const(np.array(0, np.int64), f"{past.name}/zero"),
-                                     attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
-                for node in outer_readers:
-                    replace_tensor(node.inputs, past, first)
 
     body_scan, loop_scan = [], []
-    for present in present_outputs:
+    for present in rng.presents:
         inner = gs.Variable(lg_name("body", present.name), present.dtype, present.shape)
         producer = present.inputs[0]
         for node in [c for c in present.outputs if id(c) in in_body]:
@@ -108,16 +116,25 @@ def virtual_index(block: int, iteration: int, spec: LoopSpec) -> int:
     return block + (spec.iters - 1) * (spec.end - spec.start)
 
 
-def standard_layout(spec: LoopSpec, graph_inputs) -> bool:
-    """True when the rewrite writes the standard layout: ``kv="exact"`` on a with-past export."""
-    return spec.kv == "exact" and any(t.name.startswith(PAST_PREFIX) for t in graph_inputs)
+def standard_layout(spec: LoopSpec, pasts) -> bool:
+    """True when the rewrite writes the standard layout: ``kv="exact"`` and the range reads caches."""
+    return spec.kv == "exact" and bool(pasts)
 
 
-def check_kv(model: onnx.ModelProto, spec: LoopSpec) -> None:
-    """Precondition: ``dynamic`` needs the stacked layout (the number of pairs follows N)."""
-    if spec.dynamic and standard_layout(spec, model.graph.input):
+def check_kv(spec: LoopSpec, pasts: tuple[str, ...], presents: tuple[str, ...]) -> None:
+    """Preconditions of the standard layout (the range plan calls this before anything changes):
+    ``dynamic`` needs the stacked layout (the number of pairs follows N), and the looped caches
+    must be named ``past_key_values.{block}.{kind}`` with their presents inside the range."""
+    if not standard_layout(spec, pasts):
+        return
+    if spec.dynamic:
         raise LoopgraphError("--dynamic makes N a run-time input, but --kv exact writes one cache pair per virtual layer "
                              "(their number depends on N); use --kv stacked (rank-5 caches) with --dynamic, or drop --dynamic")
+    for past in pasts:
+        block, kind = _layer(past, PAST_PREFIX)
+        if not spec.start <= block < spec.end or f"{PRESENT_PREFIX}{block}.{kind}" not in presents:
+            raise LoopgraphError(f"cache input {past} is read inside range {spec.range_str}, but its layer or its present "
+                                 "does not belong to the range; the cache names do not follow the block numbering")
 
 
 def _layer(name: str, prefix: str) -> tuple[int, str]:
@@ -129,17 +146,13 @@ def _layer(name: str, prefix: str) -> tuple[int, str]:
     return int(index), kind
 
 
-def _looped_caches(graph: gs.Graph, in_body: set[int], spec: LoopSpec) -> list[tuple[gs.Variable, gs.Variable, int, str]]:
-    """``(past, present, block, kind)`` of every cache tensor the range reads, checked against the range."""
-    presents = {t.name: t for t in graph.outputs if t.name.startswith(PRESENT_PREFIX)}
+def _looped_caches(rng: RangeGraph) -> list[tuple[gs.Variable, gs.Variable, int, str]]:
+    """``(past, present, block, kind)`` of every cache tensor the range reads (checked by :func:`check_kv`)."""
+    presents = {t.name: t for t in rng.presents}
     out = []
-    for past in [t for t in graph.inputs if t.name.startswith(PAST_PREFIX) and any(id(c) in in_body for c in t.outputs)]:
+    for past in rng.pasts:
         block, kind = _layer(past.name, PAST_PREFIX)
-        present = presents.get(f"{PRESENT_PREFIX}{block}.{kind}")
-        if not spec.start <= block < spec.end or present is None or not present.inputs or id(present.inputs[0]) not in in_body:
-            raise LoopgraphError(f"cache input {past.name} is read inside range {spec.range_str}, but its layer or its present "
-                                 "does not belong to the range; the cache names do not follow the block numbering")
-        out.append((past, present, block, kind))
+        out.append((past, presents[f"{PRESENT_PREFIX}{block}.{kind}"], block, kind))
     return out
 
 
@@ -152,13 +165,13 @@ class KvCarry:
     loop_outputs: list[gs.Variable] = dataclasses.field(default_factory=list)
 
 
-def carry_kv(graph: gs.Graph, body_nodes: list[gs.Node], spec: LoopSpec) -> KvCarry:
+def carry_kv(rng: RangeGraph, spec: LoopSpec) -> KvCarry:
     """Standard layout in the Loop form: N rotating loop-carried slots per looped cache tensor
     (module docstring). Adds inputs ``past_key_values.{v}.*`` for iterations 1..N-1 (iteration 0
     keeps the exported name: v(b, 0) = b inside the range) and makes the Loop write every
     ``present.{v}.*``; the caches of the blocks after the range are renumbered (:func:`number_virtual_layers`)."""
-    in_body = {id(n) for n in body_nodes}
-    caches = _looped_caches(graph, in_body, spec)
+    graph, in_body = rng.graph, rng.node_ids
+    caches = _looped_caches(rng)
     number_virtual_layers(graph, spec)
     carry = KvCarry()
     for past, present, block, kind in caches:
@@ -185,35 +198,33 @@ def carry_kv(graph: gs.Graph, body_nodes: list[gs.Node], spec: LoopSpec) -> KvCa
     return carry
 
 
-def unroll_kv(graph: gs.Graph, body_nodes: list[gs.Node], spec: LoopSpec) -> tuple[list[dict[int, gs.Tensor]], list[tuple[gs.Variable, int, str]]]:
-    """Standard layout in the unrolled form. Returns, per copy t, the input mapping
-    ``{id(past): past_key_values.{v(b,t)}.*}`` for :func:`passes.unroll._clone` (copy 0 reads the
-    exported input), and ``(present, block, kind)`` of each looped present for
-    :func:`name_unrolled_presents`."""
-    in_body = {id(n) for n in body_nodes}
-    caches = _looped_caches(graph, in_body, spec)
-    number_virtual_layers(graph, spec)
+def unroll_kv(rng: RangeGraph, spec: LoopSpec) -> list[dict[int, gs.Tensor]]:
+    """Standard layout in the unrolled form: per copy t, the input mapping ``{id(past):
+    past_key_values.{v(b,t)}.*}`` for the clone of the range (copy 0 reads the exported input).
+    The caches of the blocks after the range are renumbered first."""
+    caches = _looped_caches(rng)
+    number_virtual_layers(rng.graph, spec)
     mappings: list[dict[int, gs.Tensor]] = [{} for _ in range(spec.iters)]
     for past, _, block, kind in caches:
         for t in range(1, spec.iters):
             extra = gs.Variable(f"{PAST_PREFIX}{virtual_index(block, t, spec)}.{kind}", past.dtype, past.shape)
-            graph.inputs.append(extra)
+            rng.graph.inputs.append(extra)
             mappings[t][id(past)] = extra
-    return mappings, [(present, block, kind) for _, present, block, kind in caches]
+    return mappings
 
 
-def name_unrolled_presents(graph: gs.Graph, presents: list[tuple[gs.Variable, int, str]], copies: list[dict[int, gs.Tensor]],
-                           spec: LoopSpec) -> None:
-    """Copy t's present tensors become the graph outputs ``present.{v(b,t)}.*`` themselves (no
-    Identity, no copy); the exported present outputs of the range are dropped."""
-    for present, block, kind in presents:
-        graph.outputs.remove(present)
-        for t, mapping in enumerate(copies):
-            produced = mapping[id(present)]
+def name_unrolled_presents(rng: RangeGraph, copies: list[list[gs.Tensor]], spec: LoopSpec) -> None:
+    """Copy t's present tensors (``copies[t][i]`` for ``rng.presents[i]``) become the graph outputs
+    ``present.{v(b,t)}.*`` themselves (no Identity, no copy); the exported presents are dropped."""
+    for i, present in enumerate(rng.presents):
+        block, kind = _layer(present.name, PRESENT_PREFIX)
+        rng.graph.outputs.remove(present)
+        for t, produced_t in enumerate(copies):
+            produced = produced_t[i]
             produced.name = f"{PRESENT_PREFIX}{virtual_index(block, t, spec)}.{kind}"
             produced.dtype, produced.shape = present.dtype, present.shape
-            graph.outputs.append(produced)
-    order_caches(graph)
+            rng.graph.outputs.append(produced)
+    order_caches(rng.graph)
 
 
 def number_virtual_layers(graph: gs.Graph, spec: LoopSpec) -> None:
