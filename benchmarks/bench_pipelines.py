@@ -178,19 +178,21 @@ def step_times(models: dict, context: int, threads: int, repeats: int) -> dict[s
     return {name: float(np.min(t)) for name, t in times.items()}
 
 
-def concat_gather_adapter(stacked: Path):
+def concat_gather_adapter(stacked):
     """The alternative the standard layout was chosen against: the stacked file behind an adapter that
     takes N ordinary pasts per looped cache (Unsqueeze + Concat into the rank-5 input the body
     Gathers from) and Splits the stacked present back (+ Squeeze): ordinary rank-4 pairs outside,
     two more copies inside. Names ``past_key_values.a{L}i{t}.*`` (timing only)."""
     import onnx
     from onnx import helper
-    model = onnx.load(str(stacked))
+    model = onnx.load(str(stacked)) if isinstance(stacked, (str, Path)) else stacked
     g = model.graph
     nodes = []
     zero = helper.make_tensor("adapter/axis0", onnx.TensorProto.INT64, [1], [0])
     g.initializer.append(zero)
-    for inp in [i for i in g.input if len(i.type.tensor_type.shape.dim) == 5]:
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.output] if v.name.startswith(("past_key_values.", "present."))}
+    stacked_rank = max(rank.values())  # the looped caches carry one more (leading) axis than the others
+    for inp in [i for i in g.input if rank.get(i.name) == stacked_rank]:
         n = inp.type.tensor_type.shape.dim[0].dim_value
         layer, kind = inp.name[len("past_key_values."):].split(".")
         parts = []
@@ -202,7 +204,7 @@ def concat_gather_adapter(stacked: Path):
             parts.append(f"adapter/{name}/u")
         nodes.append(helper.make_node("Concat", parts, [inp.name], axis=0))
         g.input.remove(inp)
-    for out in [o for o in g.output if len(o.type.tensor_type.shape.dim) == 5]:
+    for out in [o for o in g.output if rank.get(o.name) == stacked_rank]:
         n = out.type.tensor_type.shape.dim[0].dim_value
         layer, kind = out.name[len("present."):].split(".")
         pieces = [f"adapter/{out.name}/{t}" for t in range(n)]
