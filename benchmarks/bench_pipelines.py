@@ -224,7 +224,8 @@ def concat_gather_adapter(stacked):
 
 def cache_bytes(path: Path, folder: Path, prompt: list[int], threads: int) -> int:
     """Bytes of all present.* outputs after a prefill of ``prompt``."""
-    from loopgraph.runtime.generate import open_lm, positions
+    from loopgraph.runtime.generate import open_lm
+    from loopgraph.runtime.inputs import position_ids as positions
     from loopgraph.runtime.session import open_session
     lm = open_lm(open_session(path, device="cpu", threads=threads), folder)
     ids = np.array([prompt])

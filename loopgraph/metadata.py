@@ -12,7 +12,7 @@ Keys loopgraph writes (all under ``loopgraph.``):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import onnx
 
@@ -39,10 +39,11 @@ def set_props(model: onnx.ModelProto, updates: dict[str, str]) -> None:
         model.metadata_props.add(key=k, value=v)
 
 
-def read_spec(model: onnx.ModelProto) -> LoopSpec | None:
+def read_spec(model: onnx.ModelProto | Mapping[str, str]) -> LoopSpec | None:
     """The :class:`LoopSpec` recorded by ``loopgraph rewrite``; None when the file has none.
+    ``model`` is the proto or its metadata as a mapping (what ORT's ``custom_metadata_map`` gives).
     A record that cannot be parsed is a user error (:class:`LoopgraphError`) naming the file's key."""
-    raw = props(model).get(SPEC_KEY)
+    raw = (props(model) if isinstance(model, onnx.ModelProto) else model).get(SPEC_KEY)
     if raw is None:
         return None
     try:
@@ -62,6 +63,12 @@ def read_virtual_layers(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     except (ValueError, TypeError) as e:
         raise LoopgraphError(f"the model's {VIRTUAL_LAYERS_KEY} metadata is not a list of [block, iteration] ({e}); "
                              "rewrite the original export again") from None
+
+
+def num_blocks(model: onnx.ModelProto) -> int | None:
+    """The decoder block count ``loopgraph rewrite`` recorded (``loopgraph.blocks``); None when absent or not a count."""
+    raw = props(model).get(BLOCKS_KEY, "")
+    return int(raw) if raw.isdigit() else None
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

@@ -43,7 +43,6 @@ REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 #: ``first``/``last`` one cache per block, an approximation (see :mod:`loopgraph.passes.kv`)
 KV_MODES = ("exact", "stacked", "first", "last")
 MAX_ITERS = 64
-METADATA_KEY = "loopgraph.spec"
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 

@@ -209,9 +209,9 @@ def smol_past() -> Path:
 def test_real_smollm2_optimum_and_genai_equal_the_pytorch_recompute(smol_past, tmp_path):
     """SmolLM2-135M looped 10:20 x3 uniform: 32 greedy tokens of Optimum and genai equal the
     PyTorch reference recomputing every step (the reference verify uses)."""
+    from loopgraph.reference.hf import load_reference
     from loopgraph.reference.looped import reference_logits
     from loopgraph.runtime.tokenizer import TextTokenizer
-    from loopgraph.verify import load_reference
     from tests.test_generate_real import PROMPTS as TEXTS
     from tests.test_generate_real import STEPS as REAL_STEPS
     spec = LoopSpec(10, 20, iters=3, reg="uniform")
