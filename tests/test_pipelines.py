@@ -152,6 +152,15 @@ def test_folder_contents_and_tools(tiny, tmp_path):
     assert verified.returncode == 0 and "PASS" in verified.stdout and "(bit-exact)" in verified.stdout, verified.stdout + verified.stderr
 
 
+def test_diff_shows_the_virtual_layers(tiny):
+    from loopgraph.deploy.diff import diff_models
+    original = onnx.load(str(tiny("llama", with_past=True) / "model.onnx"))
+    lines = diff_models(original, rewrite(original, LoopSpec(1, 3, iters=3)).model).format_text().splitlines()
+    assert ("KV cache: standard layout, 8 pairs numbered by virtual layer (v: block.iteration) "
+            "0:0.0 1:1.0 2:2.0 3:1.1 4:2.1 5:1.2 6:2.2 7:3.0") in lines, lines
+    assert any(x.startswith("  body: ") and x.endswith(", 13 carried value(s), 0 scan output(s); KV cache: exact") for x in lines), lines
+
+
 def test_unrolled_standard_layout_is_tensorrt_ready(tiny):
     from loopgraph.deploy.tensorrt import check_tensorrt, is_ready
     model = rewrite(onnx.load(str(tiny("llama", with_past=True) / "model.onnx")), LoopSpec(1, 3, iters=3, unroll=True)).model
