@@ -6,7 +6,10 @@
 #      parity against ORT on CPU, latency of original vs looped (prefill of 512 tokens, per-token decode
 #      with the KV cache on the device; the stacked KV layout and the standard layout, Loop and
 #      unrolled), and whether ORT placed Memcpy nodes inside the Loop body,
-#   4. runs benchmarks/trt_engine_check.py when `import tensorrt` works.
+#   4. on CUDA: the fp16 and int4 copies (`loopgraph quantize`) of the looped tiny and SmolLM2 files: logits
+#      against the same file on ORT CPU, greedy tokens with the KV cache, decode tokens/s next to fp32, and
+#      `loopgraph optimize --device cuda` reloading with the in-memory session's logits,
+#   5. runs benchmarks/trt_engine_check.py when `import tensorrt` works.
 #
 #   benchmarks/gpu_check.sh WHEELS_DIR [MODELS_DIR]
 #
@@ -123,7 +126,8 @@ import onnxruntime as ort
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import generate, open_lm, positions
+from loopgraph.runtime.generate import generate, open_lm
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.runtime.tokenizer import TextTokenizer
 from loopgraph.spec import LoopSpec
@@ -312,7 +316,124 @@ PY
     (( rc != 0 )) && STATUS=1
 done
 
-# ---- 4. TensorRT engine (another engineer's script) -------------------------------------------------------
+# ---- 4. precision on CUDA: fp16 / int4 looped files ------------------------------------------------------
+if [[ " $DEVICES " == *" cuda "* ]] && (( $(date +%s) < LOOPGRAPH_BUDGET_END - 90 )); then
+    say "precision on cuda (fp16, int4)"
+    "$PY" - <<'PY'
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from loopgraph.deploy.optimize import optimize_file
+from loopgraph.deploy.quantize import quantize_file
+from loopgraph.errors import LoopgraphError
+from loopgraph.rewrite import rewrite
+from loopgraph.runtime.generate import generate, open_lm
+from loopgraph.runtime.inputs import position_ids as positions
+from loopgraph.runtime.session import open_session
+from loopgraph.spec import LoopSpec
+
+models = Path(os.environ["LOOPGRAPH_MODELS"])
+end = int(os.environ["LOOPGRAPH_BUDGET_END"])
+work = Path(tempfile.mkdtemp(prefix="lg-gpu-precision-"))
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    print("CUDAExecutionProvider is not in this onnxruntime build: skipped")
+    sys.exit(0)
+failed = False
+STRICT_FP32 = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+# CPU vs CUDA on the same quantized file: different kernels (fp16 GEMMs, MatMulNBits' CUDA dequant path),
+# so a relative bound, not bit-exactness; tokens must agree over a short greedy run
+RTOL = {"fp16": 2e-2, "int4": 2e-2}
+
+
+def cuda(path):
+    return open_session(path, device="cuda", strict=True, provider_options=STRICT_FP32)
+
+
+def copies(folder: Path, spec: LoopSpec) -> dict[str, Path]:
+    looped = folder / f"precision-{spec.slug()}.onnx"
+    if not looped.is_file():
+        rewrite(folder / "model.onnx", spec, looped)
+    out = {"fp32": looped}
+    for to in ("fp16", "int4"):
+        out[to] = work / f"{folder.name}.{to}.onnx"
+        t0 = time.time()
+        report = quantize_file(looped, out[to], to)
+        print(f"  quantize {folder.name} -> {to}: {report.size_before / 1e6:.1f} -> {report.size_after / 1e6:.1f} MB, "
+              f"{report.converted} MatMul converted, {time.time() - t0:.1f} s")
+    return out
+
+
+def logits_parity(label: str, path: Path, folder: Path, to: str) -> None:
+    global failed
+    ids = np.random.default_rng(0).integers(3, 300, (2, 24))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+    s = cuda(path)
+    need = {i.name for i in s.ort_session.get_inputs()}
+    if any(n.startswith("past_key_values") for n in need):
+        lm = open_lm(s, folder)
+        feeds.update(lm.initial_past(len(ids)))
+    ref = open_session(path, device="cpu").run(feeds, ["logits"])["logits"]
+    got = s.run(feeds, ["logits"])["logits"]
+    valid = mask.astype(bool)
+    rel = float(np.abs(got[valid] - ref[valid]).max() / np.abs(ref[valid]).max())
+    ok = bool(np.isfinite(got).all()) and rel <= RTOL[to]
+    failed |= not ok
+    print(f"  {label} {to}: cuda vs cpu max |Δlogits| / max|logits| = {rel:.2e} (bound {RTOL[to]:g}) {'ok' if ok else 'FAIL'}")
+
+
+def decode(path: Path, folder: Path, device: str, steps: int = 32):
+    lm = open_lm(cuda(path) if device == "cuda" else open_session(path, device="cpu"), folder)
+    prompt = list(np.random.default_rng(1).integers(100, 10000, 128))
+    generate(lm, [prompt[:8]], 2)
+    return generate(lm, [prompt], steps, eos_ids=())
+
+
+try:
+    for name, spec in (("tiny-llama-past", LoopSpec(0, 2, iters=3, reg="uniform", kv="exact")),
+                       ("smollm2-past", LoopSpec(10, 20, iters=3, reg="uniform", kv="exact"))):
+        folder = models / name
+        if not (folder / "model.onnx").is_file() or time.time() > end - 60:
+            print(f"  {name}: missing or no budget left; skipped")
+            continue
+        files = copies(folder, spec)
+        base_tps = None
+        for to, path in files.items():
+            if to != "fp32":
+                logits_parity(name, path, folder, to)
+            gpu_run, cpu_run = decode(path, folder, "cuda"), decode(path, folder, "cpu", 8)
+            same = gpu_run.tokens[0][:8] == cpu_run.tokens[0]
+            failed |= to != "fp32" and not same and name.startswith("tiny")
+            base_tps = base_tps or gpu_run.decode_tokens_per_second
+            print(f"  {name} {to}: cuda decode {gpu_run.decode_tokens_per_second:.0f} tokens/s "
+                  f"({gpu_run.decode_tokens_per_second / base_tps:.2f}x fp32), first 8 tokens {'equal' if same else 'DIFFER'} vs cpu")
+        opt = work / f"{name}.fp16.opt.onnx"
+        optimize_file(files["fp16"], opt, level="extended", device="cuda")
+        feeds_ids = np.random.default_rng(2).integers(3, 300, (1, 16))
+        lm = open_lm(cuda(files["fp16"]), folder)
+        feeds = {"input_ids": feeds_ids, "attention_mask": np.ones_like(feeds_ids), "position_ids": positions(np.ones_like(feeds_ids)),
+                 **lm.initial_past(1)}
+        want = open_session(files["fp16"], device="cuda", strict=True, provider_options=STRICT_FP32, opt_level="extended").run(feeds, ["logits"])["logits"]
+        got = open_session(opt, device="cuda", strict=True, provider_options=STRICT_FP32, opt_level="disable").run(feeds, ["logits"])["logits"]
+        d = float(np.abs(got - want).max())
+        print(f"  {name} fp16 optimize --device cuda: reloaded vs in-memory max |Δlogits| = {d:.3g} (0 expected)")
+        failed |= not np.isfinite(d) or d > 0.0
+except LoopgraphError as e:
+    print(f"  loopgraph: error: {e}")
+    failed = True
+sys.exit(1 if failed else 0)
+PY
+    (( $? != 0 )) && STATUS=1
+fi
+
+# ---- 5. TensorRT engine (another engineer's script) -------------------------------------------------------
 if "$PY" -c "import tensorrt" 2>/dev/null; then
     say "TensorRT engine check"
     if (( $(date +%s) < LOOPGRAPH_BUDGET_END - 60 )); then

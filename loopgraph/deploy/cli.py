@@ -1,4 +1,5 @@
-"""The inspection tools ``inspect``, ``check``, ``diff`` and ``view`` (registered through ``loopgraph.cli.COMMAND_MODULES``).
+"""The inspection tools ``inspect``, ``check``, ``diff`` and ``view``, and the precision tools ``quantize`` and
+``optimize`` (registered through ``loopgraph.cli.COMMAND_MODULES``).
 
 Imports here are light (argparse only); each command imports its module when it runs.
 """
@@ -63,6 +64,50 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from loopgraph.deploy.quantize import quantize_file
+    report = quantize_file(args.model, args.output, args.to, block_size=args.block_size,
+                           accuracy_level=args.accuracy_level, force=args.force)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from loopgraph.deploy.optimize import optimize_file
+    report = optimize_file(args.model, args.output, level=args.level, device=args.device, force=args.force)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _precision_commands(sub: argparse._SubParsersAction) -> None:
+    from loopgraph.cliargs import int_arg
+    p = sub.add_parser("quantize", help="int4 / int8 / fp16 copy of a model (Loop bodies included) with ONNX Runtime's tools",
+                       description="Quantize every MatMul with a constant weight, in the main graph and in Loop bodies, each "
+                                   "weight once: int4 (MatMulNBits), int8 (dynamic), fp16 (inputs/outputs stay fp32).")
+    p.add_argument("model", help="an .onnx file or an export folder (original, looped or unrolled)")
+    p.add_argument("--to", required=True, help="int4, int8 or fp16")
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--block-size", type=int_arg, default=32, help="int4 block size along K (power of 2, >= 16; default 32)")
+    p.add_argument("--accuracy-level", type=int_arg, help="int4 MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("optimize", help="save ONNX Runtime's optimized graph as a file that reloads (Loop-safe)",
+                       description="Run ONNX Runtime's session-level graph optimizer and save the result, repairing what makes "
+                                   "a looped file invalid (names repeated across the main graph and a Loop body).")
+    p.add_argument("model", help="an .onnx file or an export folder")
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--level", default="extended", choices=("basic", "extended", "all"),
+                   help="ORT graph optimization level (default extended: 'all' adds layout changes tied to this machine's EP)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="execution provider the file is optimized for")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_optimize)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="describe an ONNX model and its decoder blocks",
                        description="Print opset, inputs/outputs, external data, KV cache, decoder blocks and any loopgraph rewrite. "
@@ -96,3 +141,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=0, help="first port (default: a free port per model)")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     p.set_defaults(func=cmd_view)
+    _precision_commands(sub)

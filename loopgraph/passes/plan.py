@@ -20,7 +20,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from loopgraph._version import __version__
 from loopgraph.errors import LoopgraphError
@@ -127,18 +126,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def hidden_type(model: onnx.ModelProto, name: str) -> tuple[np.dtype, list]:
-    """dtype and symbolic shape of the residual stream tensor ``name``."""
-    infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
-    if name not in infos:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        infos.update({v.name: v for v in inferred.graph.value_info})
-    info = infos.get(name)
-    if info is None or not info.type.tensor_type.HasField("shape"):
-        raise LoopgraphError(f"cannot infer the shape of the range input {name}; "
-                             "re-export the model (shape inference found no shape for it)")
-    tt = info.type.tensor_type
-    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim]
-    return helper.tensor_dtype_to_np_dtype(tt.elem_type), shape
+    """dtype and symbolic shape of the residual stream tensor ``name``: declared, inferred, or
+    read from the weights when ONNX shape inference stops at a contrib op (:mod:`loopgraph.passes.shapes`)."""
+    from loopgraph.passes.shapes import residual_type
+    return residual_type(model, name)
 
 
 def _check_closed(index: GraphIndex, body: set[int], out: str, spec: LoopSpec) -> None:
