@@ -47,7 +47,7 @@ def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     start, end = parse_range(args.range)
     return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
                     kv=args.kv, dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace,
-                    unroll=args.unroll)
+                    unroll=args.unroll, halt=args.halt, halt_metric=args.halt_metric or "rel")
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -59,7 +59,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     s = result.spec
     report = result.report
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
-           f"{', kv ' + s.kv if report.kv else ''}")
+           f"{', kv ' + s.kv if report.kv else ''}"
+           f"{'' if s.halt is None else f', halt {s.halt_metric} <= {s.halt:g}'}")
     if isinstance(report, UnrollReport):
         detail = f"{report.copied_nodes} nodes in {s.iters} straight-line copies"
     else:
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
     p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
     p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
+    p.add_argument("--halt", type=float, metavar="TOL",
+                   help="per-token halting: freeze a token once its change after an iteration t >= 2 is <= TOL; "
+                        "--iters is then the most iterations (docs/halting.md)")
+    p.add_argument("--halt-metric", choices=["rel", "cos"],
+                   help="the change: rel = |x_t - x_{t-1}| / |x_{t-1}| (default), cos = 1 - cos(x_t, x_{t-1})")
     p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
