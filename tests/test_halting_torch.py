@@ -113,3 +113,39 @@ def test_exact_kv_decoding_equals_the_recompute(tiny, hf_model, arch, reg, range
     assert_same_decoding(cached, recompute.tokens, recompute.step_logits, f"{spec.slug()} exact KV vs ONNX recompute (early stop)")
     ref_tokens, ref_logits = reference_greedy(hf_model(arch), spec)
     assert_same_decoding(cached, ref_tokens, ref_logits, f"{spec.slug()} exact KV vs PyTorch recompute")
+
+
+def test_trace_records_where_each_token_froze(tiny, hf_model, tmp_path):
+    from loopgraph.experiments.trace import capture, format_table, write_trace
+    from loopgraph.runtime.tokenizer import TextTokenizer
+    folder = tiny("llama")
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = np.array([TextTokenizer.from_folder(folder).encode(prompt)], np.int64)
+    spec = LoopSpec(1, 3, iters=N, reg="uniform", halt=0.0).resolve(4)
+    spec = dataclasses.replace(spec, halt=_small_tol(hf_model("llama"), spec, ids, np.ones_like(ids)))
+    trace = capture(folder / "model.onnx", spec, prompt)
+    _, used, _ = _reference(hf_model("llama"), spec, ids, np.ones_like(ids))
+    assert trace.iterations == used[0].tolist() and min(trace.iterations) < max(trace.iterations)
+    stopped = max(trace.iterations)
+    assert stopped < N and np.isnan(trace.ys[stopped:]).all() and (trace.xs[stopped:] == trace.xs[stopped - 1]).all()
+    paths = write_trace(trace, tmp_path / "t")
+    assert paths["halting"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "iterations per token" in format_table(trace)
+
+
+def test_cli_rewrite_and_diff_show_halting(tiny, tmp_path):
+    from tests.conftest import run_cli
+    folder = tiny("llama")
+    out = tmp_path / "h.onnx"
+    done = run_cli("rewrite", folder / "model.onnx", "--range", "1:3", "--iters", "4", "--halt", "0.01", "--halt-metric", "cos",
+                   "-o", out, "--copy-weights")
+    assert done.returncode == 0 and "halt cos <= 0.01" in done.stdout, done.stderr
+    shown = run_cli("inspect", out)
+    assert "halt=0.01" in shown.stdout and "halt_metric=cos" in shown.stdout, shown.stdout
+    diff = run_cli("diff", folder / "model.onnx", out)
+    assert "halting per token when cos change <= 0.01" in diff.stdout, diff.stdout
+    check = run_cli("check", out, "--target", "tensorrt")
+    assert "per-token halting (--halt) ends this Loop" in check.stdout + check.stderr, check.stdout
+    bad = run_cli("rewrite", folder / "model.onnx", "--range", "1:3", "--halt", "-1", "-o", tmp_path / "bad.onnx", "--copy-weights")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--halt -1.0 must be a finite number >= 0" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad.onnx").exists()

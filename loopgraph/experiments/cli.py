@@ -31,7 +31,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from loopgraph.experiments.trace import capture, format_table, write_trace
     from loopgraph.spec import LoopSpec, parse_range
     start, end = parse_range(args.range)
-    spec = LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k)
+    spec = LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k, halt=args.halt,
+                    halt_metric=args.halt_metric or "rel")
     trace = capture(args.model, spec, args.prompt, token=args.token, threads=args.threads)
     out = Path(args.output) if args.output else Path(f"trace.{trace.spec.slug()}")
     write_trace(trace, out)
@@ -89,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
     p.add_argument("--alpha", type=float, help="weight for ema and anchor (default 0.5)")
     p.add_argument("--k", type=float, help="K of damped (default 2)")
+    p.add_argument("--halt", type=float, metavar="TOL", help="per-token halting (as in rewrite); also writes DIR/halting.png")
+    p.add_argument("--halt-metric", choices=["rel", "cos"], help="rel (default) or cos, as in rewrite")
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
     p.add_argument("--token", type=int, default=-1, help="which token position to follow (default -1, the last)")
     p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads")
