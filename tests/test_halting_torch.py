@@ -149,3 +149,24 @@ def test_cli_rewrite_and_diff_show_halting(tiny, tmp_path):
     bad = run_cli("rewrite", folder / "model.onnx", "--range", "1:3", "--halt", "-1", "-o", tmp_path / "bad.onnx", "--copy-weights")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--halt -1.0 must be a finite number >= 0" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_eval_scores_a_halting_file(tiny, tmp_path):
+    """loopgraph eval runs a halting file (its extra output and early stop included) beside the fixed-N file;
+    with TOL 0 no token freezes, so both score the same."""
+    import json
+    import shutil
+
+    from loopgraph.eval.runner import SAMPLES_DIR
+    from tests.conftest import run_cli
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny("llama"), folder)
+    rewrite(folder / "model.onnx", LoopSpec(1, 3, iters=3, reg="uniform"), folder / "fixed.onnx")
+    rewrite(folder / "model.onnx", LoopSpec(1, 3, iters=3, reg="uniform", halt=0.0), folder / "halt0.onnx")
+    rewrite(folder / "model.onnx", LoopSpec(1, 3, iters=3, reg="uniform", halt=1e9), folder / "halt-huge.onnx")
+    out = tmp_path / "r.json"
+    r = run_cli("eval", folder / "fixed.onnx", folder / "halt0.onnx", folder / "halt-huge.onnx", "--tasks", "winogrande", "--limit", "4",
+                "--data-dir", SAMPLES_DIR, "--json", out, "--no-cache", "--threads", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(out.read_text())["tasks"]["winogrande"]["metrics"]
+    assert len(metrics) == 3 and metrics["loop1-3x3-uniform"] == metrics["loop1-3x3-uniform-halt0"], metrics
