@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import all_graphs
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -37,21 +38,13 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for sub in _subgraphs_of(attr):
-                yield from _all_tensors(sub)
-
-
-def _subgraphs_of(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
+    """Every tensor stored in the model: initializers and tensor attributes, in subgraphs too."""
+    for g in all_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:

@@ -10,14 +10,13 @@ from pathlib import Path
 import onnx
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import SOURCE_KEY
 from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, external_locations, load_model, resolve_model_path, save_model
 from loopgraph.passes.base import Pipeline, Reports
 from loopgraph.passes.blocks import BlockMap, BlocksReport, FindBlocks
 from loopgraph.passes.loop import LoopReport, WrapInLoop
 from loopgraph.passes.unroll import Unroll, UnrollReport
 from loopgraph.spec import LoopSpec
-
-SOURCE_KEY = "loopgraph.source"
 
 
 @dataclasses.dataclass

@@ -42,7 +42,6 @@ REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 KV_MODES = ("exact", "first", "last")
 HALT_METRICS = ("rel", "cos")  # per-token change of x_t: |x_t - x_{t-1}| / |x_{t-1}|, or 1 - cos(x_t, x_{t-1})
 MAX_ITERS = 64
-METADATA_KEY = "loopgraph.spec"
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 

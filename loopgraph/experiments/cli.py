@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopgraph.cliargs import int_arg
+from loopgraph.cliargs import add_spec_args, int_arg, spec_from_args
+from loopgraph.spec import REGULARIZERS
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
 DEFAULT_BATCH_TOKENS = 128  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
@@ -29,10 +30,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from loopgraph.experiments.trace import capture, format_table, write_trace
-    from loopgraph.spec import LoopSpec, parse_range
-    start, end = parse_range(args.range)
-    spec = LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k, halt=args.halt,
-                    halt_metric=args.halt_metric or "rel")
+    spec = spec_from_args(args)
     trace = capture(args.model, spec, args.prompt, token=args.token, threads=args.threads)
     out = Path(args.output) if args.output else Path(f"trace.{trace.spec.slug()}")
     write_trace(trace, out)
@@ -41,7 +39,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from loopgraph.spec import REGULARIZERS
     p = sub.add_parser(
         "sweep", help="range x N x regularizer sweep on a task: CSV of deltas vs the baseline and heatmaps",
         description="Score every requested (block range, N, regularizer) on a benchmark task and compare each with the "
@@ -85,13 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "baseline and looped paths), DIR/trace.csv (per iteration: cosine and norm ratio to the non-looped state r, "
                     "logit-lens top-5 tokens) and DIR/trace.json.")
     p.add_argument("model", help="the original export (.onnx or export folder, without KV cache)")
-    p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive (e.g. 10:20)")
-    p.add_argument("--iters", "-n", type=int_arg, default=3, help="N (default 3)")
-    p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
-    p.add_argument("--alpha", type=float, help="weight for ema and anchor (default 0.5)")
-    p.add_argument("--k", type=float, help="K of damped (default 2)")
-    p.add_argument("--halt", type=float, metavar="TOL", help="per-token halting (as in rewrite); also writes DIR/halting.png")
-    p.add_argument("--halt-metric", choices=["rel", "cos"], help="rel (default) or cos, as in rewrite")
+    add_spec_args(p)
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
     p.add_argument("--token", type=int, default=-1, help="which token position to follow (default -1, the last)")
     p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads")
