@@ -39,7 +39,8 @@ from loopgraph.eval.runner import SAMPLES_DIR  # noqa: E402
 from loopgraph.eval.tasks import TASKS, load_items  # noqa: E402
 from loopgraph.passes.halt import ITERATIONS_OUTPUT  # noqa: E402
 from loopgraph.rewrite import rewrite  # noqa: E402
-from loopgraph.runtime.inputs import left_pad, position_ids as positions  # noqa: E402
+from loopgraph.runtime.inputs import left_pad  # noqa: E402
+from loopgraph.runtime.inputs import position_ids as positions  # noqa: E402
 from loopgraph.runtime.session import open_session  # noqa: E402
 from loopgraph.runtime.tokenizer import TextTokenizer  # noqa: E402
 from loopgraph.spec import LoopSpec, parse_range  # noqa: E402

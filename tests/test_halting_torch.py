@@ -21,7 +21,8 @@ from loopgraph.passes.halt import ITERATIONS_OUTPUT
 from loopgraph.reference.looped import looped
 from loopgraph.regularizers import BY_NAME
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.inputs import left_pad, position_ids as positions
+from loopgraph.runtime.inputs import left_pad
+from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import LoopSpec
 from tests.test_generate import _one_torch_thread, assert_same_decoding, greedy, lm_for, reference_greedy  # noqa: F401
