@@ -4,6 +4,7 @@ the fixed-N files, measured side by side in one run.
     .venv/bin/loopgraph export smollm2-135m -o /tmp/lg-real       # once (no --with-past)
     .venv/bin/python benchmarks/bench_halting.py --export /tmp/lg-real [--range 12:18] [--nmax 4] [--reg uniform]
         [--quantiles 0.25,0.5,0.75] [--rounds 3] [--threads 1]
+    .venv/bin/python benchmarks/bench_halting.py --export /tmp/lg-real --items arc_easy:200:0.2 --data-dir DATA   # counts only
 
 Workloads (logits for every position, no KV cache, so the Loop may stop early):
 - ``prefill``: one row of 128 tokens (the arc_easy sample questions, concatenated);
@@ -73,6 +74,25 @@ def choose_tols(original: onnx.ModelProto, spec: LoopSpec, ids, mask, quantiles:
     return [float(np.quantile(values, q)) for q in quantiles]
 
 
+def iterations_on_items(original: onnx.ModelProto, spec: LoopSpec, folder: Path, task: str, data: Path, limit: int,
+                        threads: int) -> None:
+    """Per-token iterations of the halting file on eval items (context + each option, one row at
+    a time, as eval's ``--limit`` draw with seed 1234): the mean per token and the Loop's count per row."""
+    from loopgraph.eval.runner import select
+    session = open_session(rewrite(original, spec).model, threads=threads)
+    tok = TextTokenizer.from_folder(folder)
+    per_token, per_row = [], []
+    for item in select(load_items(TASKS[task], data), limit, 1234):
+        for context, option in item.requests:
+            ids = np.array([tok.encode(context + option)], np.int64)
+            used = session.run(feeds(ids, np.ones_like(ids)), [ITERATIONS_OUTPUT])[ITERATIONS_OUTPUT][0]
+            per_token += used.tolist()
+            per_row.append(int(used.max()))
+    counts = np.bincount(per_row, minlength=spec.iters + 1)[1:].tolist()
+    print(f"{task}, {limit} items, {len(per_row)} rows, {len(per_token)} tokens, {spec.slug()}: mean iterations per token "
+          f"{np.mean(per_token):.3f}; iterations the Loop ran per row: mean {np.mean(per_row):.3f}, rows per count 1..{spec.iters}: {counts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", type=Path, required=True, help="an export folder without KV cache (model.onnx, tokenizer)")
@@ -82,7 +102,14 @@ def main() -> None:
     ap.add_argument("--quantiles", default="0.25,0.5,0.75")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--items", metavar="TASK:LIMIT:TOL", help="only count iterations of TOL's file on eval items of TASK (no timing)")
+    ap.add_argument("--data-dir", type=Path, default=Path(SAMPLES_DIR))
     args = ap.parse_args()
+    if args.items:
+        task, limit, tol = args.items.split(":")
+        spec = LoopSpec(*parse_range(args.range), iters=args.nmax, reg=args.reg, halt=float(tol))
+        iterations_on_items(onnx.load(str(args.export / "model.onnx")), spec, args.export, task, args.data_dir, int(limit), args.threads)
+        return
     print(f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; ORT CPU EP, {args.threads} thread(s)")
     original = onnx.load(str(args.export / "model.onnx"))
     base = LoopSpec(*parse_range(args.range), iters=args.nmax, reg=args.reg)
