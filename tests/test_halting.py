@@ -20,7 +20,7 @@ from loopgraph.passes.halt import HALT_NAME, ITERATIONS_OUTPUT
 from loopgraph.rewrite import rewrite
 from loopgraph.spec import LoopSpec
 from tests import toy
-from tests.test_passes import ATOL, REGS, X, _past_feeds, _reg_np, _run
+from tests.test_passes import ATOL, REGS, X, _past_feeds, _reg_np, _run, _standard
 
 N = 6
 HUGE = 1e9  # above any change: every token freezes at t = 2
@@ -133,10 +133,12 @@ def test_a_row_alone_equals_the_row_beside_a_slow_row(reg):
     assert trace["loopgraph/trace/x"].shape[0] == used[fast].max() < N, "the Loop alone must stop when its last token froze"
 
 
-def test_kv_file_freezes_without_stopping_and_matches_numpy():
-    """With caches the Loop runs N iterations (every iteration's cache is what a recompute holds)."""
+@pytest.mark.parametrize("kv", ["exact", "stacked"])
+def test_kv_file_freezes_without_stopping_and_matches_numpy(kv):
+    """With caches the Loop runs N iterations (every iteration's cache is what a recompute holds);
+    ``exact`` is the standard layout (one cache pair per virtual layer), ``stacked`` the rank-5 one."""
     original = toy.model(kv=True)
-    base = LoopSpec(1, 3, iters=4, reg="ema", kv="exact")
+    base = LoopSpec(1, 3, iters=4, reg="ema", kv=kv)
     pasts, feeds = _past_feeds(base)
     _, _, changes = _halting_np(dataclasses.replace(base, halt=0.0), X, pasts)
     tol = float(np.median(changes[1]))
@@ -145,11 +147,14 @@ def test_kv_file_freezes_without_stopping_and_matches_numpy():
         model = rewrite(original, spec).model
         loop = next((n for n in model.graph.node if n.op_type == "Loop"), None)
         assert unroll or loop.input[1] == "", "a file with caches must not stop early (cond stays empty)"
-        got = _run(model, {"x": X, **feeds})
         want, used, _ = _halting_np(spec, X, pasts)
+        fed = feeds
+        if kv == "exact":
+            fed, want = _standard(spec, feeds, "past_key_values."), _standard(spec, want, "present.")
+        got = _run(model, {"x": X, **fed})
         assert 2 <= used.min() < used.max() <= 4, used.tolist()
         for name in want:
-            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=f"unroll={unroll} {name} TOL={tol:.4g} (CPU EP, 1 thread)")
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=f"{kv} unroll={unroll} {name} TOL={tol:.4g} (CPU EP, 1 thread)")
         np.testing.assert_array_equal(got[ITERATIONS_OUTPUT], used)
 
 

@@ -5,7 +5,7 @@
   a left-padded batch within 1e-5 and the same per-token iteration counts, for every regularizer and
   TOL in {0, small, large}; the large TOL equals the N = 2 file bit for bit;
 - a prompt scored alone equals the same prompt in a batch with a slow prompt;
-- exact-KV greedy decoding equals the no-cache recompute of the same spec (ONNX and PyTorch).
+- exact-KV greedy decoding (standard and stacked layouts) equals the no-cache recompute of the same spec (ONNX and PyTorch).
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ def test_a_prompt_alone_equals_it_in_a_batch_with_a_slow_prompt(tiny, hf_model):
     np.testing.assert_array_equal(alone[ITERATIONS_OUTPUT][0], batch[ITERATIONS_OUTPUT][fast, -n:])
 
 
-@pytest.mark.parametrize("arch, reg, range_", [("llama", "uniform", (1, 3)), ("gpt2", "auto-align", (0, 4)), ("llama", "anchor", (3, 4))])
-def test_exact_kv_decoding_equals_the_recompute(tiny, hf_model, arch, reg, range_):
-    spec = LoopSpec(*range_, iters=4, reg=reg, kv="exact", halt=0.0).resolve(4)
+@pytest.mark.parametrize("arch, reg, range_, kv", [("llama", "uniform", (1, 3), "exact"), ("gpt2", "auto-align", (0, 4), "exact"),
+                                                  ("llama", "anchor", (3, 4), "stacked"), ("gpt2", "uniform", (1, 3), "stacked")])
+def test_exact_kv_decoding_equals_the_recompute(tiny, hf_model, arch, reg, range_, kv):
+    """``exact`` (the standard layout) and ``stacked``: both exact per-iteration caches."""
+    spec = LoopSpec(*range_, iters=4, reg=reg, kv=kv, halt=0.0).resolve(4)
     ids, mask = left_pad(PROMPTS, 0)
     spec = dataclasses.replace(spec, halt=_small_tol(hf_model(arch), spec, ids, mask))
     past = tiny(arch, with_past=True)

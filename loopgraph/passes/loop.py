@@ -3,7 +3,8 @@
 Handles: any range of blocks found by :mod:`loopgraph.passes.blocks` (including S = 0 and the
 full depth), every regularizer, baked or ``dynamic`` trip count and weight.
 With-past exports: the looped blocks' caches are wired by :mod:`loopgraph.passes.kv`
-(``spec.kv``: exact per-iteration caches, or first/last-iteration approximations).
+(``spec.kv``: exact caches in the standard layout, one rotating pair per virtual layer, or
+stacked per iteration; or first/last-iteration approximations).
 Refuses (checked by the plan, :mod:`loopgraph.passes.plan`, before anything changes): opset < 13,
 a range whose intermediate tensors are read after the range (the body could not be closed);
 a model that is already looped is refused by the ``find-blocks`` pass that runs before this one.
@@ -35,7 +36,7 @@ from loopgraph.passes import halt
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
-from loopgraph.passes.kv import wire_loop_kv
+from loopgraph.passes.kv import KvCarry, carry_kv, standard_layout, wire_loop_kv
 from loopgraph.passes.plan import ITERS_NAME, RangePass, RangePlan, RangeReport, param_name, record_spec
 from loopgraph.passes.regularize import build_update
 
@@ -67,9 +68,10 @@ class WrapInLoop(RangePass):
         rng = open_range(model, plan)
         outer = {name: scalar_param(rng.graph, name, value, plan.spec.dynamic) for name, value in plan.params.items()}
         kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
+        carry = carry_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else KvCarry()
         halting = _Halting.make(rng, plan, pre, outer.get(halt.HALT_NAME))
-        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, halting)
-        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), halting)
+        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, carry, halting)
+        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), carry, halting)
         new = export(rng, model, has_body=True)
         if plan.spec.dynamic:  # a graph input with a same-named initializer is an overridable default
             new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in plan.params.items())
@@ -95,10 +97,10 @@ class _Halting:
 
 
 def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: BodyBuilder,
-          post: BodyBuilder, halting: _Halting | None = None) -> tuple[gs.Graph, int, list[gs.Variable]]:
-    """The Loop body: (iteration, cond_in, x_{t-1}, states..., [frozen, used]) ->
-    (cond_out, x_t, states..., [frozen, used], traces..., presents...).
-    Returns the body, how many nodes loopgraph added to it, and the Loop's KV scan outputs."""
+          post: BodyBuilder, carry: KvCarry, halting: _Halting | None = None) -> tuple[gs.Graph, int, list[gs.Variable]]:
+    """The Loop body: (iteration, cond_in, x_{t-1}, states..., [frozen, used], kv slots...) -> (cond_out, x_t,
+    states..., [frozen, used], kv slots..., traces..., presents...). Returns the body, how many nodes loopgraph
+    added to it, and the Loop's KV scan outputs (``carry``: the standard layout's loop-carried caches)."""
     dtype, shape = plan.dtype, list(plan.shape)
     b = BodyBuilder("body", dtype)
     iteration = gs.Variable(lg_name("body", "iteration"), np.int64, [])
@@ -124,17 +126,17 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
         cond_out = halt.still_moving(b, halt_out[0], halting.real)
     else:
         cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
-    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states] + halt_out
+    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states] + halt_out + carry.body_outputs  # carried before scan outputs
     outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(plan.trace_names, (y, x_next))]
-    kv_body, kv_loop = wire_loop_kv(rng, plan.spec.kv, iteration, plan.iters_dim, b, kv_start, post)
-    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *halt_in],
+    kv_body, kv_loop = ([], []) if carry.loop_outputs else wire_loop_kv(rng, plan.spec.kv, iteration, plan.iters_dim, b, kv_start, post)
+    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *halt_in, *carry.body_inputs],
                     outputs=outputs + kv_body, name=lg_name("body"), opset=rng.graph.opset)
     body.toposort()  # the regularizer and KV-slice nodes were appended after the range's nodes
     return body, len(b.nodes), kv_loop
 
 
 def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Tensor, kv_loop: list[gs.Variable],
-                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder], halting: _Halting | None = None) -> None:
+                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder], carry: KvCarry, halting: _Halting | None = None) -> None:
     """Initial states, the Loop (taking the range output's name: nothing downstream is rewired),
     the noise control and the trace outputs, in place of the range's nodes. With halting the
     Loop also carries frozen/used (and is given cond = true when it may stop early)."""
@@ -154,8 +156,8 @@ def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Ten
         halt_final = [gs.Variable(lg_name("loop", "frozen_final"), np.bool_, tok), gs.Variable(lg_name("loop", "used_final"), np.int64, tok)]
         if plan.early_stop:  # a given cond makes the body's cond_out count (M still bounds the loop)
             cond = gs.Constant(lg_name("halt", "cond_init"), np.array(True))
-    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, cond, rng.x0, *inits.values(), *halt_init],
-                   outputs=[x_final, *finals.values(), *halt_final, *traces, *kv_loop], attrs={"body": body})
+    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, cond, rng.x0, *inits.values(), *halt_init, *carry.loop_inputs],
+                   outputs=[x_final, *finals.values(), *halt_final, *carry.loop_outputs, *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
         noise_control(post, x_final, finals["r"], rng.out, spec.noise_seed, shape)
     rng.graph.outputs.extend(traces)
