@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from loopgraph.spec import KV_MODES, MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
+from loopgraph.spec import HALT_METRICS, KV_MODES, MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
 
 #: LoopSpec field -> the dest of the add_form_args flag that sets it
 _FORM_FLAGS = {"kv": "kv", "dynamic": "dynamic", "noise_seed": "noise_control", "trace": "trace", "unroll": "unroll"}
@@ -37,6 +37,11 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
     g.add_argument("--alpha", type=float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
     g.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
+    g.add_argument("--halt", type=float, metavar="TOL",
+                   help="per-token halting: freeze a token once its change after an iteration t >= 2 is <= TOL; "
+                        "--iters is then the most iterations (docs/halting.md)")
+    g.add_argument("--halt-metric", choices=list(HALT_METRICS),
+                   help="the change: rel = |x_t - x_{t-1}| / |x_{t-1}| (default), cos = 1 - cos(x_t, x_{t-1})")
     return g
 
 
@@ -59,4 +64,5 @@ def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     command has them (LoopSpec's defaults where it does not)."""
     start, end = parse_range(args.range)
     form = {field: getattr(args, dest) for field, dest in _FORM_FLAGS.items() if hasattr(args, dest)}
-    return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k, **form)
+    return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k, **form,
+                    halt=args.halt, halt_metric=args.halt_metric or "rel")

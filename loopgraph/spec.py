@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -42,6 +43,7 @@ REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 #: stock drivers run); ``stacked`` rank-5 per-iteration caches (the one that allows ``dynamic``);
 #: ``first``/``last`` one cache per block, an approximation (see :mod:`loopgraph.passes.kv`)
 KV_MODES = ("exact", "stacked", "first", "last")
+HALT_METRICS = ("rel", "cos")  # per-token change of x_t: |x_t - x_{t-1}| / |x_{t-1}|, or 1 - cos(x_t, x_{t-1})
 MAX_ITERS = 64
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
@@ -63,6 +65,8 @@ class LoopSpec:
     noise_seed: int | None = None  # noise control: replace x_N by r + noise of norm |x_N - r|
     trace: bool = False  # expose y_t and x_t of every iteration as Loop scan outputs
     unroll: bool = False  # N straight-line copies of the range instead of a Loop
+    halt: float | None = None  # per-token halting: freeze a token once its change is <= halt (docs/halting.md)
+    halt_metric: str = "rel"  # how the change is measured: "rel" or "cos"
 
     def __post_init__(self) -> None:
         reg = regularizer(self.reg)  # refuses an unknown name
@@ -74,6 +78,7 @@ class LoopSpec:
             raise LoopgraphError(f"--iters {self.iters} is out of range; use 1..{MAX_ITERS}")
         if self.kv not in KV_MODES:
             raise LoopgraphError(f"unknown --kv mode {self.kv!r}; choose one of {', '.join(KV_MODES)}")
+        self._check_halt()
         param = reg.param
         if param == "alpha":
             if self.alpha is None:
@@ -89,6 +94,18 @@ class LoopSpec:
                 raise LoopgraphError(f"--k {self.k} must be >= 1 (1/K is the step size); pick e.g. 2")
         elif self.k is not None:
             raise LoopgraphError(f"--k applies to damped, not to {self.reg}; drop it")
+
+    def _check_halt(self) -> None:
+        """``halt`` is a finite number >= 0; ``halt_metric`` is one of :data:`HALT_METRICS` and needs ``halt``."""
+        if self.halt_metric not in HALT_METRICS:
+            raise LoopgraphError(f"unknown --halt-metric {self.halt_metric!r}; choose one of {', '.join(HALT_METRICS)}")
+        if self.halt is None:
+            if self.halt_metric != "rel":
+                raise LoopgraphError("--halt-metric needs --halt TOL (the tolerance it is compared with); add e.g. --halt 0.01")
+            return
+        if isinstance(self.halt, bool) or not isinstance(self.halt, (int, float)) or not math.isfinite(self.halt) or self.halt < 0:
+            raise LoopgraphError(f"--halt {self.halt!r} must be a finite number >= 0 (0 freezes only unchanged tokens); pick e.g. 0.01")
+        object.__setattr__(self, "halt", float(self.halt))
 
     @property
     def weight(self) -> float | None:
@@ -137,10 +154,15 @@ class LoopSpec:
             s += "-trace"
         if self.unroll:
             s += "-unrolled"
+        if self.halt is not None:
+            s += f"-halt{self.halt:g}" + ("" if self.halt_metric == "rel" else f"-{self.halt_metric}")
         return s
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        if self.halt is None:  # files without halting keep the spec they had before halting existed
+            del data["halt"], data["halt_metric"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> LoopSpec:

@@ -336,6 +336,8 @@ def _loop_line(lp: dict[str, Any]) -> str:
         runs += f"{' by default' if n is not None else ''} (N is the graph input {lp['iters_input']})"
     reg = f"regularizer {lp['reg']}" + (f" (weight {lp['weight']:g})" if lp["weight"] is not None else "") if lp["reg"] else "regularizer unknown"
     line = f"  {what}, {runs}, {reg}"
+    if (lp["spec"] or {}).get("halt") is not None:  # per-token halting (docs/halting.md)
+        line += f", halting per token when {lp['spec']['halt_metric']} change <= {lp['spec']['halt']:g} (N is the most)"
     if lp["source"] == SPEC_KEY:
         agree = lp["blocks_by_names"] == [lp["start"], lp["end"]]
         names = "node names agree" if agree else f"node names say {lp['blocks_by_names']}" if lp["blocks_by_names"] else "node names carry no block index"

@@ -11,6 +11,8 @@ Handled, per Loop (nested ones included):
   -> error (a data-dependent while loop); a constant ``cond`` -> warning (leave it empty).
 - the standard layout's rotating KV-cache slots (``--kv exact`` in a Loop) -> error: their
   length changes across iterations (use ``--unroll`` or ``--kv stacked``).
+  loopgraph's own halting condition (``--halt``, ``loopgraph/body/cond_out``) -> warning that
+  says what it means there (a while loop; the counted forms are ``--unroll`` or a cached file).
 - a carried value whose declared body input and output shapes differ -> error; shapes that
   are undeclared or not provably equal (different symbols) -> warning.
 - a scan output while M is not a build-time constant (a graph input, as with ``--dynamic``)
@@ -139,6 +141,13 @@ def _check_cond(loop: LoopInfo) -> list[Finding]:
     cond_in, cond_out = body.input[1].name, body.output[0].name
     producer = next((n for n in body.node if cond_out in n.output), None)
     passthrough = cond_out == cond_in or (producer is not None and producer.op_type == "Identity" and list(producer.input) == [cond_in])
+    if not passthrough and cond_out == "loopgraph/body/cond_out":  # per-token halting (docs/halting.md)
+        return [Finding(WARNING, where, "per-token halting (--halt) ends this Loop when no real token is still moving: "
+                        "a data-dependent condition, which TensorRT builds as a while loop (a while trip limit besides M, "
+                        "the condition read back every iteration) instead of a counted one; scan outputs (--trace) then "
+                        "have a data-dependent length, which TensorRT refuses",
+                        "for a counted loop rewrite with --unroll (the same frozen-token masks, every copy computed, "
+                        "no early stop), or drop --halt")]
     if not passthrough:
         return [Finding(ERROR, where, f"the body computes its condition ({cond_out}), a data-dependent while loop "
                         "that TensorRT runs with a while trip limit", "leave cond empty, give M and return Identity(cond_in)")]

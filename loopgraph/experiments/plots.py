@@ -162,7 +162,7 @@ def trajectory_figure(traj: Trajectory, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if zoom:
             box = np.concatenate([base[max(0, s - 1):min(len(base), e + 2)], loop_pts, ys, looped[s + n:s + n + 2]])
-            lo, hi = box.min(0), box.max(0)
+            lo, hi = np.nanmin(box, 0), np.nanmax(box, 0)  # y_t is NaN after a halting Loop stopped
             pad = np.maximum((hi - lo) * 0.15, 1e-6)
             ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
             ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
@@ -181,6 +181,28 @@ def trajectory_figure(traj: Trajectory, path: Path) -> Path:
                  f"{traj.model} · looped {s}:{e} ×{n}, {traj.spec.reg} · prompt: "
                  f"{_short(traj.prompt)}", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.09, wspace=0.2)
+    out = _save(fig, path, TRAJECTORY_DPI)
+    plt.close(fig)
+    return out
+
+
+def halting_figure(iterations: Sequence[int], tokens: Sequence[str], spec: LoopSpec, model: str, path: Path) -> Path:
+    """Per-token halting: the iteration each prompt token froze at (left, which tokens think
+    longest) and how many tokens took each count (right). ``model``: the model's title."""
+    plt = _pyplot()
+    its, s = np.asarray(iterations), spec
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(6.0, 0.32 * len(its) + 3), 3.6), gridspec_kw={"width_ratios": [3, 1]})
+    left.bar(range(len(its)), its, color="#4c72b0")
+    left.set_xticks(range(len(its)), list(tokens), rotation=90, fontsize=7)
+    left.set_ylabel("iterations taken")
+    left.set_ylim(0, s.iters + 0.5)
+    counts = np.bincount(its, minlength=s.iters + 1)[1:]
+    right.barh(range(1, s.iters + 1), counts, color="#dd8452")
+    right.set_xlabel("tokens")
+    right.set_ylim(0.5, s.iters + 0.5)
+    fig.suptitle(f"per-token halting · {model} · looped {s.start}:{s.end} ≤×{s.iters}, {s.reg}, "
+                 f"{s.halt_metric} change ≤ {s.halt:g} · mean {its.mean():.2f} iterations", fontsize=9)
+    fig.tight_layout()
     out = _save(fig, path, TRAJECTORY_DPI)
     plt.close(fig)
     return out

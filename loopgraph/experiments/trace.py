@@ -15,7 +15,10 @@ States are decoded with the *logit lens* (:func:`loopgraph.experiments.graphs.lo
 norm + unembedding applied to any state) and compared with the non-looped state ``r = y_1``
 (the baseline's boundary E): cosine similarity and norm ratio.
 
-Handled: every regularizer (with alpha/K), any range, exports without KV cache.
+Handled: every regularizer (with alpha/K), any range, exports without KV cache, per-token halting
+(``--halt``): the iteration each token froze at is recorded (``Trace.iterations``, plotted in
+``halting.png``); when the Loop stopped before N, x_t of the later iterations is the frozen state
+(exactly what the rule gives) and y_t is not computed (NaN).
 Refused: a looped model (trace the original), with-past exports, an empty prompt, a token
 position outside the prompt, noise control (it replaces x_N after the loop; trace the plain spec).
 """
@@ -38,6 +41,7 @@ from loopgraph.naming import lg_name
 from loopgraph.spec import LoopSpec
 
 TRACE_Y, TRACE_X = lg_name("trace", "y"), lg_name("trace", "x")
+ITERATIONS = lg_name("halt", "iterations")
 TOP_K = 5
 
 
@@ -68,6 +72,7 @@ class Trace:
     xs: np.ndarray  # x_1..x_N
     after: np.ndarray  # boundaries E..L of the looped model (after[0] is the Loop output x_N)
     rows: list[StateRow]
+    iterations: list[int] | None = None  # with halting: per prompt token, the last iteration it took
 
     def token_states(self, states: np.ndarray) -> np.ndarray:
         return states[:, self.token, :].astype(np.float64)
@@ -155,11 +160,13 @@ def capture(model: str | os.PathLike, spec: LoopSpec, prompt: str, *, token: int
     del base_out
     outside = names[:s + 1] + names[e:]
     looped = expose_outputs(rewrite(original, spec).model, outside)
-    out = open_session(looped, threads=threads).run(feeds, [*outside, TRACE_Y, TRACE_X])
+    halting = [ITERATIONS] if spec.halt is not None else []
+    out = open_session(looped, threads=threads).run(feeds, [*outside, TRACE_Y, TRACE_X, *halting])
     del looped
     before = np.concatenate([out[n] for n in names[:s + 1]])
     after = np.concatenate([out[n] for n in names[e:]])
-    ys, xs = out[TRACE_Y][:, 0], out[TRACE_X][:, 0]  # [N, batch = 1, seq, hidden] -> [N, seq, hidden]
+    ys, xs = _full_length(out[TRACE_Y][:, 0], out[TRACE_X][:, 0], spec.iters)  # [N, batch = 1, seq, hidden] -> [N, seq, hidden]
+    iterations = out[ITERATIONS][0].tolist() if halting else None
 
     # logit lens: the followed token of every state in one run, as a batch of one-position rows
     lens = logit_lens(original, names[L])
@@ -167,6 +174,8 @@ def capture(model: str | os.PathLike, spec: LoopSpec, prompt: str, *, token: int
     # (label, t, reference, state): r = y1 = x1, then y_t and x_t of each later iteration, then the outputs
     states = [("r", 1, "r", r)]
     for t in range(2, spec.iters + 1):
+        if np.isnan(ys[t - 1, position]).any():  # the Loop stopped (halting): no y_t, x_t stays frozen
+            break
         states += [(f"y{t}", t, "r", ys[t - 1, position]), (f"x{t}", t, "r", xs[t - 1, position])]
     states += [("final (baseline)", None, "final (baseline)", final), ("final (looped)", None, "final (baseline)", after[-1, position])]
     stacked = np.stack([st for *_, st in states])[:, None, :]  # [k, 1, hidden]: one-position rows
@@ -180,7 +189,17 @@ def capture(model: str | os.PathLike, spec: LoopSpec, prompt: str, *, token: int
         ref_state = r if ref == "r" else final
         ratio = float(np.linalg.norm(state.astype(np.float64)) / np.linalg.norm(ref_state.astype(np.float64)))
         rows.append(StateRow(label, t, ref, _cos(state, ref_state), ratio, [(text(i), p) for i, p in _softmax_top(lg, TOP_K)]))
-    return Trace(str(path), spec, prompt, ids, position, [text(i) for i in ids], names, baseline, before, ys, xs, after, rows)
+    return Trace(str(path), spec, prompt, ids, position, [text(i) for i in ids], names, baseline, before, ys, xs, after, rows, iterations)
+
+
+def _full_length(ys: np.ndarray, xs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """N rows of y_t and x_t when a halting Loop stopped after fewer: every token was frozen, so
+    x_t of the later iterations is the last x; their y_t was never computed (NaN)."""
+    run = xs.shape[0]
+    if run == n:
+        return ys, xs
+    pad = (n - run, *xs.shape[1:])
+    return (np.concatenate([ys, np.full(pad, np.nan, ys.dtype)]), np.concatenate([xs, np.broadcast_to(xs[-1:], pad)]))
 
 
 def format_table(trace: Trace) -> str:
@@ -193,6 +212,9 @@ def format_table(trace: Trace) -> str:
         top = "  ".join(f"{t!r} {p:.2f}" for t, p in row.top)
         ref = "r" if row.ref == "r" else "base"
         lines.append(f"{row.label:<17} {ref:<6} {row.cos:7.4f} {row.norm_ratio:7.4f}  {top}")
+    if trace.iterations is not None:
+        lines.append(f"halting ({s.halt_metric} change <= {s.halt:g}): iterations per token: "
+                     + " ".join(f"{trace.token_text(i)}:{n}" for i, n in enumerate(trace.iterations)))
     lines.append("cos and norm (|state| / |reference|) compare loop states with r = y1 = x1, the non-looped output of the range, "
                  "and the looped model's final state with the baseline's")
     return "\n".join(lines)
@@ -208,6 +230,10 @@ def write_trace(trace: Trace, out_dir: str | os.PathLike) -> dict[str, Path]:
     except OSError as e:
         raise LoopgraphError(f"cannot create the output folder {out} ({e.strerror}); choose another -o") from None
     paths = {"png": trajectory_figure(trace.trajectory(), out / "trajectory.png"), "csv": out / "trace.csv", "json": out / "trace.json"}
+    if trace.iterations is not None:
+        from loopgraph.experiments.plots import halting_figure
+        paths["halting"] = halting_figure(trace.iterations, [trace.token_text(i) for i in range(len(trace.ids))], trace.spec,
+                                          model_title(trace.model), out / "halting.png")
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["state", "t", "reference", "cos", "norm_ratio", *[f"top{i + 1}" for i in range(TOP_K)],
@@ -219,7 +245,8 @@ def write_trace(trace: Trace, out_dir: str | os.PathLike) -> dict[str, Path]:
                "token": trace.token, "pca_explained": list(trace.pca()[1]),
                "rows": [dataclasses.asdict(r) for r in trace.rows],
                "baseline_norms": np.linalg.norm(trace.baseline_states(), axis=-1).tolist(),
-               "looped_norms": np.linalg.norm(trace.looped_states(), axis=-1).tolist()}
+               "looped_norms": np.linalg.norm(trace.looped_states(), axis=-1).tolist(),
+               "iterations": trace.iterations}
     with atomic_path(paths["json"]) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return paths

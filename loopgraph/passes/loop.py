@@ -32,6 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from loopgraph.naming import lg_name
+from loopgraph.passes import halt
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
@@ -68,8 +69,9 @@ class WrapInLoop(RangePass):
         outer = {name: scalar_param(rng.graph, name, value, plan.spec.dynamic) for name, value in plan.params.items()}
         kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
         carry = carry_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else KvCarry()
-        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, carry)
-        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), carry)
+        halting = _Halting.make(rng, plan, pre, outer.get(halt.HALT_NAME))
+        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, carry, halting)
+        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), carry, halting)
         new = export(rng, model, has_body=True)
         if plan.spec.dynamic:  # a graph input with a same-named initializer is an overridable default
             new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in plan.params.items())
@@ -77,11 +79,28 @@ class WrapInLoop(RangePass):
         return PassResult(new, True, LoopReport(**plan.report_fields(), body_nodes=len(rng.nodes), regularizer_nodes=added))
 
 
+@dataclasses.dataclass
+class _Halting:
+    """The outer tensors of per-token halting (:mod:`loopgraph.passes.halt`): the tolerance, the
+    initial frozen/used states, the real-token mask (None: every token is real)."""
+    tol: gs.Tensor
+    init: halt.HaltState
+    real: gs.Tensor | None
+
+    @staticmethod
+    def make(rng: RangeGraph, plan: RangePlan, pre: BodyBuilder, tol: gs.Tensor | None) -> _Halting | None:
+        if plan.spec.halt is None:
+            return None
+        shape = list(plan.shape)
+        real = halt.real_tokens(pre, rng.graph, rng.x0, shape) if plan.early_stop else None
+        return _Halting(tol, halt.initial(pre, rng.x0, shape), real)
+
+
 def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: BodyBuilder,
-          post: BodyBuilder, carry: KvCarry) -> tuple[gs.Graph, int, list[gs.Variable]]:
-    """The Loop body: (iteration, cond_in, x_{t-1}, states..., kv slots...) -> (cond_out, x_t, states...,
-    kv slots..., traces..., presents...). Returns the body, how many nodes loopgraph added to it,
-    and the Loop's KV scan outputs (``carry``: the standard layout's loop-carried caches)."""
+          post: BodyBuilder, carry: KvCarry, halting: _Halting | None = None) -> tuple[gs.Graph, int, list[gs.Variable]]:
+    """The Loop body: (iteration, cond_in, x_{t-1}, states..., [frozen, used], kv slots...) -> (cond_out, x_t,
+    states..., [frozen, used], kv slots..., traces..., presents...). Returns the body, how many nodes loopgraph
+    added to it, and the Loop's KV scan outputs (``carry``: the standard layout's loop-carried caches)."""
     dtype, shape = plan.dtype, list(plan.shape)
     b = BodyBuilder("body", dtype)
     iteration = gs.Variable(lg_name("body", "iteration"), np.int64, [])
@@ -96,30 +115,52 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
     replace_tensor(rng.out.inputs[0].outputs, rng.out, y)
 
     x_next, state_out = build_update(b, plan.reg, iteration, y, x_prev, state_in, weight, shape)
-    cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
-    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states] + carry.body_outputs  # carried before scan outputs
+    halt_in: list[gs.Variable] = []
+    halt_out: list[gs.Tensor] = []
+    if halting is not None:
+        tok = halt.token_shape(shape)
+        prev = halt.HaltState(gs.Variable(lg_name("body", "frozen_prev"), np.bool_, tok), gs.Variable(lg_name("body", "used_prev"), np.int64, tok))
+        x_next, state_out, now = halt.step(b, iteration, x_prev, x_next, state_in, state_out, prev, halting.tol, plan.spec.halt_metric, shape)
+        halt_in, halt_out = [prev.frozen, prev.used], [now.frozen, now.used]
+    if plan.early_stop:
+        cond_out = halt.still_moving(b, halt_out[0], halting.real)
+    else:
+        cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
+    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states] + halt_out + carry.body_outputs  # carried before scan outputs
     outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(plan.trace_names, (y, x_next))]
     kv_body, kv_loop = ([], []) if carry.loop_outputs else wire_loop_kv(rng, plan.spec.kv, iteration, plan.iters_dim, b, kv_start, post)
-    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *carry.body_inputs],
+    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *halt_in, *carry.body_inputs],
                     outputs=outputs + kv_body, name=lg_name("body"), opset=rng.graph.opset)
     body.toposort()  # the regularizer and KV-slice nodes were appended after the range's nodes
     return body, len(b.nodes), kv_loop
 
 
 def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Tensor, kv_loop: list[gs.Variable],
-                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder], carry: KvCarry) -> None:
+                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder], carry: KvCarry, halting: _Halting | None = None) -> None:
     """Initial states, the Loop (taking the range output's name: nothing downstream is rewired),
-    the noise control and the trace outputs, in place of the range's nodes."""
+    the noise control and the trace outputs, in place of the range's nodes. With halting the
+    Loop also carries frozen/used (and is given cond = true when it may stop early)."""
     kv_start, pre, post = builders
     spec, dtype, shape = plan.spec, plan.dtype, list(plan.shape)
     inits = initial_states(pre, plan.states, rng.x0, shape)
     rng.out.dtype, rng.out.shape = dtype, shape
     finals = {s.name: gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in plan.states}
     x_final = rng.out if spec.noise_seed is None else gs.Variable(lg_name("loop", "x_final"), dtype, shape)
-    traces = [gs.Variable(lg_name("trace", n), dtype, [plan.iters_dim, *shape]) for n in plan.trace_names]
-    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), rng.x0, *inits.values(), *carry.loop_inputs],
-                   outputs=[x_final, *finals.values(), *carry.loop_outputs, *traces, *kv_loop], attrs={"body": body})
+    # with an early stop the trace's length is the number of iterations run, not N
+    trace_dim = lg_name("iterations_run") if plan.early_stop else plan.iters_dim
+    traces = [gs.Variable(lg_name("trace", n), dtype, [trace_dim, *shape]) for n in plan.trace_names]
+    cond, halt_init, halt_final = gs.Variable.empty(), [], []
+    if halting is not None:
+        tok = halt.token_shape(shape)
+        halt_init = [halting.init.frozen, halting.init.used]
+        halt_final = [gs.Variable(lg_name("loop", "frozen_final"), np.bool_, tok), gs.Variable(lg_name("loop", "used_final"), np.int64, tok)]
+        if plan.early_stop:  # a given cond makes the body's cond_out count (M still bounds the loop)
+            cond = gs.Constant(lg_name("halt", "cond_init"), np.array(True))
+    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, cond, rng.x0, *inits.values(), *halt_init, *carry.loop_inputs],
+                   outputs=[x_final, *finals.values(), *halt_final, *carry.loop_outputs, *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
         noise_control(post, x_final, finals["r"], rng.out, spec.noise_seed, shape)
     rng.graph.outputs.extend(traces)
+    if halting is not None:
+        rng.graph.outputs.append(halt.iterations_output(post, halt_final[1], shape))
     splice(rng, plan.at, kv_start.nodes, pre.nodes + [loop] + post.nodes)

@@ -82,11 +82,20 @@ class RangePlan:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """Outer-scope scalars: the trip count and the regularizer's parameter (alpha or K)."""
+        """Outer-scope scalars: the trip count, the regularizer's parameter (alpha or K) and the
+        halting tolerance."""
         out = {ITERS_NAME: np.array(self.spec.iters, np.int64)}
         if self.reg.param:
             out[lg_name(self.reg.param)] = np.array(getattr(self.spec, self.reg.param), self.dtype)
+        if self.spec.halt is not None:
+            out[lg_name("halt")] = np.array(self.spec.halt, self.dtype)
         return out
+
+    @property
+    def early_stop(self) -> bool:
+        """Halting may end the Loop before N: only without caches (a decode step needs every
+        iteration's cache, which costs what running the iteration costs; docs/halting.md)."""
+        return self.spec.halt is not None and not self.presents and not self.spec.unroll
 
     @property
     def iters_dim(self) -> int | str:

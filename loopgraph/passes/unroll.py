@@ -9,6 +9,9 @@ reads and writes its own cache pair ``past_key_values.{v}``/``present.{v}`` of t
 directly, no copy; ``stacked``: copy t reads slice t of the stacked past and the presents are
 stacked; ``first``/``last``: every copy
 reads the one past, the present comes from the first or the last copy).
+Halting (``spec.halt``): every copy freezes tokens with the same masks as the Loop body
+(:mod:`loopgraph.passes.halt`), so the numbers equal the Loop form's; all N copies always run
+(the early stop is a Loop-only saving).
 Refuses: ``dynamic`` (N copies are fixed at rewrite time) and everything the Loop form refuses.
 All copies read the *same* weight initializers: no weight is stored twice.
 """
@@ -23,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.naming import lg_name
+from loopgraph.passes import halt
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, scalar_param, splice
 from loopgraph.passes.kv import name_unrolled_presents, past_slice, stack_pasts, standard_layout, unroll_kv
@@ -44,6 +48,7 @@ class _Copies:
     ys: list[gs.Tensor] = dataclasses.field(default_factory=list)
     xs: list[gs.Tensor] = dataclasses.field(default_factory=list)
     presents: list[list[gs.Tensor]] = dataclasses.field(default_factory=list)
+    halted: halt.HaltState | None = None  # after the last copy, with halting
 
 
 class Unroll(RangePass):
@@ -67,7 +72,9 @@ class Unroll(RangePass):
         if plan.spec.kv == "stacked":
             stack_pasts(rng, plan.iters_dim, kv_start)
         kv_inputs = unroll_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else [{} for _ in range(plan.spec.iters)]
-        copies = _copy_range(rng, plan, weight, initial_states(pre, plan.states, rng.x0, list(plan.shape)), kv_inputs)
+        tol = None if plan.spec.halt is None else scalar_param(rng.graph, halt.HALT_NAME, plan.params[halt.HALT_NAME], False)
+        halted = None if tol is None else halt.initial(pre, rng.x0, list(plan.shape))
+        copies = _copy_range(rng, plan, weight, initial_states(pre, plan.states, rng.x0, list(plan.shape)), kv_inputs, tol, halted)
         _wire_outputs(rng, plan, copies, post)
         splice(rng, plan.at, kv_start.nodes, pre.nodes + copies.nodes + post.nodes)
         new = export(rng, model, has_body=False)
@@ -91,11 +98,12 @@ def _clone(nodes: list[gs.Node], mapping: dict[int, gs.Tensor], prefix: str) -> 
 
 
 def _copy_range(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, state: dict[str, gs.Tensor],
-                kv_inputs: list[dict[int, gs.Tensor]]) -> _Copies:
+                kv_inputs: list[dict[int, gs.Tensor]], tol: gs.Tensor | None = None, halted: halt.HaltState | None = None) -> _Copies:
     """Copy t (t = 1..N): y_t = B(x_{t-1}) with the range's nodes cloned, then the regularizer's
-    update with the iteration number a constant. ``state``: the states' initial values;
-    ``kv_inputs[t - 1]``: the cache inputs copy t reads instead of the exported ones (standard layout)."""
-    done, x_prev = _Copies(state), rng.x0
+    update with the iteration number a constant (and the halting masks when ``tol`` is given).
+    ``state``: the states' initial values; ``kv_inputs[t - 1]``: the cache inputs copy t reads
+    instead of the exported ones (standard layout)."""
+    done, x_prev = _Copies(state, halted=halted), rng.x0
     for t in range(1, plan.spec.iters + 1):
         b = BodyBuilder(f"iter{t}", plan.dtype)
         iteration = b.const(np.array(t - 1, np.int64), "iteration")
@@ -106,7 +114,11 @@ def _copy_range(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, stat
         del b.nodes[:]
         nodes_t = _clone(rng.nodes, mapping, lg_name(f"iter{t}"))
         y = mapping[id(rng.out)]
-        x_prev, done.state = build_update(b, plan.reg, iteration, y, x_prev, done.state, weight, list(plan.shape))
+        x_cand, state_cand = build_update(b, plan.reg, iteration, y, x_prev, done.state, weight, list(plan.shape))
+        if done.halted is not None:
+            x_cand, state_cand, done.halted = halt.step(b, iteration, x_prev, x_cand, done.state, state_cand, done.halted,
+                                                        tol, plan.spec.halt_metric, list(plan.shape))
+        x_prev, done.state = x_cand, state_cand
         done.nodes += head + nodes_t + b.nodes
         done.ys.append(y)
         done.xs.append(x_prev)
@@ -140,6 +152,8 @@ def _wire_outputs(rng: RangeGraph, plan: RangePlan, copies: _Copies, post: BodyB
             traced = gs.Variable(lg_name("trace", name), plan.dtype, [spec.iters, *shape])
             _stack(post, states_t, traced, f"trace_{name}")
             rng.graph.outputs.append(traced)
+    if copies.halted is not None:
+        rng.graph.outputs.append(halt.iterations_output(post, copies.halted.used, shape))
     rng.out.inputs.clear()
     x_last = copies.xs[-1]
     if spec.noise_seed is not None:

@@ -44,6 +44,14 @@ STEPS: dict[str, Callable[[LoopSpec, int, list[torch.Tensor], torch.Tensor], tor
 }
 
 
+def change(metric: str, x_new: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+    """Per-token change of the state over the hidden axis, [batch, seq, 1] (docs/halting.md)."""
+    if metric == "rel":
+        return (x_new - x_prev).norm(dim=-1, keepdim=True) / x_prev.norm(dim=-1, keepdim=True)
+    dot = (x_new * x_prev).sum(-1, keepdim=True)
+    return 1 - dot / torch.clamp(x_new.norm(dim=-1, keepdim=True) * x_prev.norm(dim=-1, keepdim=True), min=COS_EPS)
+
+
 class LoopedRange(nn.Module):
     """Stands in for blocks ``[start, end)``: calls them N times, regularizing between passes.
 
@@ -56,7 +64,13 @@ class LoopedRange(nn.Module):
     t >= 2 use ``caches[t - 2]``, extra ``DynamicCache`` s (created empty, they fill lazily with
     entries for the looped layers under their own layer indices). They are started afresh when a
     new generation begins: the model's cache is a new object, or holds nothing yet for the range.
-    Without a cache (``use_cache=False``) nothing changes."""
+    Without a cache (``use_cache=False``) nothing changes.
+
+    Halting (``spec.halt``): after iteration t >= 2 a token whose change is <= TOL is frozen and
+    keeps its state for the remaining iterations; it is still fed through the blocks (so the caches
+    of every iteration fill as without halting) and its new value is discarded. All N iterations
+    always run here: the graph's early stop must not change any result. ``self.iterations`` holds
+    each token's last applied iteration after a forward ([batch, seq])."""
 
     def __init__(self, layers: list[nn.Module], spec: LoopSpec, record: list | None = None) -> None:
         super().__init__()
@@ -64,6 +78,7 @@ class LoopedRange(nn.Module):
         self.spec = spec
         self.record = record  # when a list, receives (y_t, x_t) per iteration
         self.caches: list = []  # per-iteration caches for t >= 2 (filled during cached generation)
+        self.iterations: torch.Tensor | None = None  # with halting: per token, the last iteration it took
         self._cache_owner = None  # the model's cache the extra caches belong to
         for attr in ("attention_type", "layer_idx"):  # read by some models' forward loops
             if hasattr(layers[0], attr):
@@ -85,6 +100,8 @@ class LoopedRange(nn.Module):
         cache = args[0] if positional else kwargs.get("past_key_values")
         caches = self._iteration_caches(cache) if isinstance(cache, Cache) else [cache] * self.spec.iters
         x, ys, rest = hidden_states, [], None
+        frozen = torch.zeros(x.shape[:-1] + (1,), dtype=torch.bool, device=x.device)
+        used = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
         for t in range(1, self.spec.iters + 1):
             if positional:
                 args = (caches[t - 1], *args[1:])
@@ -95,10 +112,24 @@ class LoopedRange(nn.Module):
                 out = layer(h, *args, **kwargs)
                 h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
             ys.append(h)
-            x = next_state(self.spec, t, ys, x)
+            if self.spec.halt is None:
+                x = next_state(self.spec, t, ys, x)
+            else:
+                x, frozen, used = self._halt(t, ys, x, frozen, used)
             if self.record is not None:
                 self.record.append((h.detach(), x.detach()))
+        if self.spec.halt is not None:
+            self.iterations = used
         return x if rest is None else (x, *rest)
+
+    def _halt(self, t: int, ys: list, x: torch.Tensor, frozen: torch.Tensor, used: torch.Tensor):
+        """One iteration with freezing: a frozen token keeps x; an unfrozen one (never frozen before,
+        so every y_i is its own) takes the formula's x_t, and freezes when its change is <= TOL."""
+        x_new = torch.where(frozen, x, next_state(self.spec, t, ys, x))
+        used = torch.where(frozen[..., 0], used, torch.full_like(used, t))
+        if t >= 2:
+            frozen = frozen | (change(self.spec.halt_metric, x_new, x) <= self.spec.halt)
+        return x_new, frozen, used
 
 
 def block_list(model: nn.Module) -> tuple[nn.Module, str]:
