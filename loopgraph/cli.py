@@ -1,13 +1,15 @@
 """The ``loopgraph`` command: a thin layer over the Python API, one function per subcommand.
 
-User errors (:class:`LoopgraphError`) print as one line and exit with code 2; ``--debug``
-shows their traceback. torch/transformers/optimum are imported only inside the commands that
+User errors (:class:`LoopgraphError`), argparse's usage errors and writes that fail for want of
+room or permission print as one line and exit with code 2; ``--debug`` shows their traceback.
+Any other exception is a bug and keeps its traceback. torch/transformers/optimum are imported only inside the commands that
 need them, so ``loopgraph rewrite --help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -16,8 +18,8 @@ import time
 from collections.abc import Sequence
 
 from loopgraph._version import __version__
-from loopgraph.cliargs import int_arg
-from loopgraph.errors import LoopgraphError
+from loopgraph.cliargs import Parser, add_output_args, finite_float, int_arg, seed_arg
+from loopgraph.errors import WRITE_ERRNOS, LoopgraphError
 from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
@@ -46,7 +48,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     start, end = parse_range(args.range)
     return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
-                    kv=args.kv, dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace,
+                    kv=args.kv or "exact", dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace,
                     unroll=args.unroll)
 
 
@@ -54,7 +56,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from loopgraph.rewrite import rewrite
     t0 = time.time()
     spec = spec_from_args(args)
-    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights)
+    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force,
+                     kv_given=args.kv is not None, say=lambda m: print(m, file=sys.stderr))
     s = result.spec
     report = result.reports["unroll" if s.unroll else "wrap-in-loop"]
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
@@ -72,13 +75,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from loopgraph.verify import DEFAULT_PROMPTS, format_report, verify
     prompts = [tuple(args.prompts)] if args.prompts else DEFAULT_PROMPTS
     report = verify(args.model, args.reference, prompts, atol=args.atol, rtol=args.rtol, device=args.device,
-                    say=lambda m: print(m, file=sys.stderr))
+                    original=args.original, say=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
+    parser = Parser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
     parser.add_argument("--version", action="version", version=f"loopgraph {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -105,15 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive, Python slice rules (e.g. 10:20, -5:, :8)")
     p.add_argument("--iters", "-n", type=int_arg, default=3, help="N, applications of the range (1..64, default 3)")
     p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
-    p.add_argument("--alpha", type=float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
-    p.add_argument("--k", type=float, help="K of damped (step 1/K, K >= 1, default 2)")
-    p.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
+    p.add_argument("--alpha", type=finite_float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
+    p.add_argument("--k", type=finite_float, help="K of damped (step 1/K, K >= 1, default 2)")
+    p.add_argument("--kv", choices=list(KV_MODES), help="KV-cache scheme for with-past exports (default exact; refused for an export without a cache)")
     p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
-    p.add_argument("--noise-control", type=int_arg, metavar="SEED",
+    p.add_argument("--noise-control", type=seed_arg, metavar="SEED",
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
     p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
     p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
-    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    add_output_args(p, "output .onnx, or a folder (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 
@@ -122,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and check that N = 1 is bit-exact to the original.")
     p.add_argument("model", help="a looped .onnx written by loopgraph rewrite")
     p.add_argument("--reference", help="HF checkpoint folder or smollm2-135m (default: from the export's loopgraph.json)")
+    p.add_argument("--original", help="the original .onnx for the N = 1 check (default: the one the file records, if it is "
+                                      "confined and its digest matches; see docs/safety.md)")
     p.add_argument("--prompts", nargs="+", help="prompts to run as one left-padded batch (default: a fixed set)")
-    p.add_argument("--atol", type=float, default=1e-5, help="absolute part of the bound (default 1e-5)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
+    p.add_argument("--atol", type=finite_float, default=1e-5, help="absolute part of the bound (default 1e-5)")
+    p.add_argument("--rtol", type=finite_float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto")
     p.set_defaults(func=cmd_verify)
 
@@ -146,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"loopgraph: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a write the user can fix (full disk, read-only folder, permissions) surfacing from a library
+        # (Optimum's exporter, matplotlib...) rather than from onnxio's atomic writes; other OSErrors are bugs
+        if args.debug or e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"loopgraph: error: {e.filename or 'a file'}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}); "
+              "free space, fix the permissions or choose another output path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loopgraph: interrupted", file=sys.stderr)

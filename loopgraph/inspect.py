@@ -10,10 +10,10 @@ import onnx
 
 from loopgraph.deploy.tensorrt import readiness as tensorrt_readiness
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import read_spec
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
 from loopgraph.passes.loop import is_looped
-from loopgraph.spec import METADATA_KEY
 
 
 def _shape(v: onnx.ValueInfoProto) -> list:
@@ -22,7 +22,10 @@ def _shape(v: onnx.ValueInfoProto) -> list:
 
 
 def _dtype(v: onnx.ValueInfoProto) -> str:
-    return onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
+    elem = v.type.tensor_type.elem_type
+    if elem not in onnx.TensorProto.DataType.values():  # a damaged file is still described
+        return f"unknown({elem})"
+    return onnx.TensorProto.DataType.Name(elem).lower()
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:
@@ -33,6 +36,12 @@ def _count_nodes(graph: onnx.GraphProto) -> int:
             if a.type == onnx.AttributeProto.GRAPH:
                 n += _count_nodes(a.g)
     return n
+
+
+def _rewrite_record(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """The recorded spec as a dict; an unreadable record is a one-line error (from read_spec)."""
+    spec = read_spec(model)
+    return None if spec is None else json.loads(spec.to_json())
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -50,7 +59,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "nodes": len(model.graph.node),
         "nodes_with_subgraphs": _count_nodes(model.graph),
         "kv_cache": has_kv_cache(model),
-        "rewrite": json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None,
+        "rewrite": _rewrite_record(model),
         "loopgraph_version": meta.get("loopgraph.version"),
     }
     info["tensorrt"] = tensorrt_readiness(model)  # TensorRT readiness summary (loopgraph check --target tensorrt)

@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.onnxio import resolve_model_path
-from loopgraph.rewrite import SOURCE_KEY
+from loopgraph.metadata import BLOCKS_KEY, props
+from loopgraph.onnxio import load_model, resolve_model_path, temp_name
+from loopgraph.provenance import original_of
 from loopgraph.spec import METADATA_KEY, LoopSpec
 
 DEFAULT_PROMPTS: tuple[tuple[str, ...], ...] = (
@@ -52,10 +53,35 @@ class VerifyReport:
 
 
 def read_spec(model: onnx.ModelProto, path: Path) -> LoopSpec:
-    meta = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in meta:
+    from loopgraph.metadata import read_spec as read_record
+    spec = read_record(model)
+    if spec is None:
         raise LoopgraphError(f"{path} is not a loopgraph output (no {METADATA_KEY} metadata); run loopgraph rewrite first")
-    return LoopSpec.from_json(meta[METADATA_KEY])
+    return spec
+
+
+def check_reference(hf, model: onnx.ModelProto, path: Path, ref: str | os.PathLike, spec: LoopSpec) -> None:
+    """The reference must be the model the file was exported from, as far as the graph tells:
+    the vocabulary (logits width), the block count recorded at rewrite time, and the hidden size
+    where the graph states them. A checkpoint of another model would otherwise fail deep in
+    PyTorch (an embedding index out of range) or compare unrelated logits."""
+    cfg = hf.config
+    logits = next((o for o in model.graph.output if o.name == "logits"), None)
+    if logits is None or not {"input_ids", "attention_mask"} <= {i.name for i in model.graph.input}:
+        raise LoopgraphError(f"{path} is not a causal LM export (needs inputs input_ids, attention_mask and output logits); "
+                             "verify a loopgraph rewrite of an export")
+    dims = logits.type.tensor_type.shape.dim
+    vocab = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else None
+    blocks = props(model).get(BLOCKS_KEY)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    for what, graph_says, ref_says in (("vocabulary size", vocab, getattr(cfg, "vocab_size", None)),
+                                       ("block count", int(blocks) if blocks and blocks.isdigit() else None, layers)):
+        if graph_says is not None and ref_says is not None and graph_says != ref_says:
+            raise LoopgraphError(f"--reference {ref} is not the model {path} was exported from: its {what} is {ref_says}, "
+                                 f"the graph's is {graph_says}; pass the checkpoint the export was made from")
+    if layers is not None and spec.end is not None and spec.end > layers:
+        raise LoopgraphError(f"--reference {ref} has {layers} layers but {path} loops blocks {spec.start}:{spec.end}; "
+                             "pass the checkpoint the export was made from")
 
 
 def encode(folder: Path, texts: Sequence[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,23 +134,30 @@ def load_reference(ref: str | os.PathLike):
 
 def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None,
            prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS, *, atol: float = 1e-5, rtol: float = 1e-3,
-           device: str = "cpu", check_n1: bool = True, say: Callable[[str], None] = print) -> VerifyReport:
+           device: str = "cpu", check_n1: bool = True, original: str | os.PathLike | None = None,
+           say: Callable[[str], None] = print) -> VerifyReport:
+    """Compare ``looped`` in ORT with the PyTorch reference on ``prompts``, and (``check_n1``)
+    its N = 1 rewrite with the original. Refused: a file that is no loopgraph rewrite or not
+    readable, a reference of another model (:func:`check_reference`), a recorded original that
+    is not confined or not the original (:func:`loopgraph.provenance.original_of`); ``original``
+    overrides the recorded one."""
     from loopgraph.exporters.export import reference_dir
     from loopgraph.reference.looped import reference_logits
     from loopgraph.rewrite import rewrite
     from loopgraph.runtime.session import open_session
 
     path = resolve_model_path(looped)
-    header = onnx.load(str(path), load_external_data=False)
+    header = load_model(path)  # a truncated or damaged file is a one-line error
     spec = read_spec(header, path)
-    meta = {p.key: p.value for p in header.metadata_props}
-    del header
+    source = original_of(path, header, original, missing_ok=True) if check_n1 else None
     ref_dir = reference or reference_dir(path.parent)
     if ref_dir is None:
         raise LoopgraphError(f"no reference model known for {path} (no loopgraph.json manifest with one); "
                              "pass --reference HF_DIR or --reference smollm2-135m")
     say(f"reference: {ref_dir}")
     hf = load_reference(ref_dir)
+    check_reference(hf, header, path, ref_dir, spec)
+    del header
     session = open_session(path, device=device)
     say(f"looped model on {session.providers[0]}: {spec.slug()}")
 
@@ -136,18 +169,19 @@ def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None
         comparisons.append(compare(label, got, ref, mask, atol, rtol))
 
     n1 = None
-    original = path.parent / meta[SOURCE_KEY] if SOURCE_KEY in meta else None
-    if check_n1 and original is not None and original.is_file():
+    if check_n1 and source is None:
+        say(f"N = 1 check skipped: the original of {path} is not recorded or not there (pass --original PATH)")
+    if check_n1 and source is not None:
         one = dataclasses.replace(spec, iters=1, dynamic=False)
-        fd, tmp = tempfile.mkstemp(prefix=".verify-n1.", suffix=".onnx", dir=path.parent)
-        os.close(fd)
+        tmp = temp_name(path.parent / "verify-n1.onnx", ".onnx")  # named as ours: a kill -9 leftover is cleaned later
         try:
-            rewrite(original, one, output=tmp)
-            s1, s0 = open_session(tmp, device=device), open_session(original, device=device)
+            rewrite(source, one, output=tmp)
+            s1, s0 = open_session(tmp, device=device), open_session(source, device=device)
             n1 = max(float(np.abs(s1.run(feeds_for(i, m), ["logits"])["logits"] - s0.run(feeds_for(i, m), ["logits"])["logits"]).max())
                      for _, i, m in batches)
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return VerifyReport(spec, session.providers[0], comparisons, n1)
 
 

@@ -36,7 +36,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     if args.png:
         from loopgraph.deploy.view import render_png
-        from loopgraph.onnxio import load_model, resolve_model_path
+        from loopgraph.onnxio import check_output, load_model, resolve_model_path
+        check_output(args.png, force=args.force, what="--png")
         out = render_png([(str(p), load_model(resolve_model_path(p))) for p in args.models], args.png)
         print(f"wrote {out}")
         return 0
@@ -79,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "a compact picture of the block structure (the Loop as a frame with N and the regularizer).")
     p.add_argument("models", nargs="+", metavar="MODEL", help="one or more .onnx files (or export folders)")
     p.add_argument("--png", metavar="OUT.png", help="write the block-structure picture instead of starting Netron (needs graphviz)")
+    p.add_argument("--force", action="store_true", help="with --png: replace an existing picture")
     p.add_argument("--port", type=int, default=0, help="first port (default: a free port per model)")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     p.set_defaults(func=cmd_view)

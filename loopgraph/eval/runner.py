@@ -31,9 +31,11 @@ from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, config_max_le
 from loopgraph.eval.metrics import aggregate, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.tasks import ROLLING, Item, Task, load_items
+from loopgraph.metadata import SOURCE_KEY, props, read_spec
 from loopgraph.onnxio import attach_weights, detach_weights, external_locations, load_model, resolve_model_path
 from loopgraph.passes.logits import POSITIONS_NAME, gather_logits
-from loopgraph.rewrite import SOURCE_KEY, rewrite
+from loopgraph.provenance import original_of
+from loopgraph.rewrite import rewrite
 from loopgraph.spec import METADATA_KEY, LoopSpec
 
 log = logging.getLogger(__name__)
@@ -53,21 +55,40 @@ class Model:
     max_length: int
     max_length_from: str
     noise_of: str | None = None  # label of the looped model this is the noise control of
+    original: Path | None = None  # the original, confined and digest-checked (with noise_control only)
 
 
-def open_model(path: str | Path, max_length: int | None = None) -> Model:
+FEEDS = ("input_ids", "attention_mask", "position_ids")  # what the scorer feeds a causal LM
+
+
+def _check_causal_lm(model: onnx.ModelProto, path: Path) -> None:
+    """The graph must be what the scorer drives: inputs among input_ids/attention_mask/position_ids
+    (input_ids required) and a ``logits`` output."""
+    inputs = [i.name for i in model.graph.input]
+    other = [n for n in inputs if n not in FEEDS]
+    if "input_ids" not in inputs or other or "logits" not in {o.name for o in model.graph.output}:
+        raise LoopgraphError(f"{path} is not a causal LM export: inputs {inputs[:6]}, outputs {[o.name for o in model.graph.output][:4]} "
+                             f"(evaluation feeds {', '.join(FEEDS)} and reads logits); export the model with loopgraph export")
+
+
+def open_model(path: str | Path, max_length: int | None = None, *, noise_control: bool = False,
+               original: str | os.PathLike | None = None) -> Model:
     """Read a model's metadata and hashes (weights are not loaded). Its label is the recorded
-    spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem."""
+    spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem.
+    With ``noise_control`` the original of a rewrite is located and checked
+    (:func:`loopgraph.provenance.original_of`; ``original`` overrides the recorded path)."""
     p = resolve_model_path(path)
     header = load_model(p)  # checks external data; never reads it
-    meta = {m.key: m.value for m in header.metadata_props}
     external = external_locations(header)
     if any(i.name.startswith("past_key_values") for i in header.graph.input):
         raise LoopgraphError(f"{p} takes KV-cache inputs (a --with-past export); evaluation feeds whole sequences: "
                              "evaluate an export made without --with-past (and its rewrites)")
+    _check_causal_lm(header, p)
+    spec = read_spec(header)
+    recorded = props(header).get(SOURCE_KEY)
+    source = (p.parent / recorded).resolve() if recorded else None  # for the report; never opened unchecked
+    checked = original_of(p, header, original, missing_ok=True) if noise_control and spec is not None else None
     del header
-    spec = LoopSpec.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
-    source = (p.parent / meta[SOURCE_KEY]).resolve() if SOURCE_KEY in meta else None
     cfg = _json(p.parent / "config.json")
     if max_length is None:
         max_length, origin = config_max_length(cfg, _json(p.parent / "tokenizer_config.json"))
@@ -76,7 +97,7 @@ def open_model(path: str | Path, max_length: int | None = None) -> Model:
     if max_length < 1:
         raise LoopgraphError(f"--max-length {max_length} must be at least 1")
     return Model(p, spec.slug() if spec else p.stem, spec, source, file_sha256(p).hexdigest(),
-                 model_key(p, external, max_length), max_length, origin)
+                 model_key(p, external, max_length), max_length, origin, original=checked)
 
 
 def _json(path: Path) -> dict:
@@ -94,9 +115,9 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
     if model.spec is None:
         raise LoopgraphError(f"--noise-control: {model.path} is not a loopgraph rewrite (no {METADATA_KEY}); "
                              "give looped models, or drop --noise-control")
-    if model.source is None or not model.source.is_file():
-        raise LoopgraphError(f"--noise-control: the original of {model.path} ({model.source or 'not recorded'}) is missing; "
-                             "it is needed to build the noise variant: keep the export folder together")
+    if model.original is None:
+        raise LoopgraphError(f"--noise-control: the original of {model.path} is not recorded or missing; "
+                             "it is needed to build the noise variant: keep the export folder together or pass --original PATH")
     spec = dataclasses.replace(model.spec, noise_seed=seed)
     out = model.path.with_name(f"{model.path.stem}.noise{seed}.onnx")
     if out.is_file():
@@ -104,7 +125,7 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
         if METADATA_KEY in meta and LoopSpec.from_json(meta[METADATA_KEY]) == spec:
             return out
     say(f"building the noise control of {model.label}: {out}")
-    rewrite(model.source, spec, out)
+    rewrite(model.original, spec, out, force=True)  # our own derived file: replaced when its spec differs
     return out
 
 
@@ -211,8 +232,10 @@ class EvalReport:
 def evaluate(paths: Sequence[str | Path], tasks: Sequence[Task], *, data_dir: Path | None = None, limit: int | None = None,
              seed: int = 1234, cache_dir: Path | None = None, device: str = "cpu", threads: int | None = None,
              max_batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int | None = None, noise_control: bool = False,
-             progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> EvalReport:
-    """Evaluate ``paths`` (the first is the baseline of the comparison) on ``tasks``."""
+             progress: bool = True, original: str | os.PathLike | None = None,
+             say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> EvalReport:
+    """Evaluate ``paths`` (the first is the baseline of the comparison) on ``tasks``. ``original``:
+    the export the looped models were rewritten from, for ``noise_control`` (default: recorded)."""
     t0 = time.time()
     if limit is not None and limit < 1:
         raise LoopgraphError(f"--limit {limit} evaluates nothing; give a positive number of items per task or drop --limit")
@@ -220,7 +243,7 @@ def evaluate(paths: Sequence[str | Path], tasks: Sequence[Task], *, data_dir: Pa
         raise LoopgraphError(f"--max-batch-tokens {max_batch_tokens} must be at least 1")
     data_dir = Path(data_dir) if data_dir is not None else data_dir_default()
     loaded = {t.name: load_items(t, data_dir) for t in tasks}  # all data errors before any model work
-    models = [open_model(p, max_length) for p in paths]
+    models = [open_model(p, max_length, noise_control=noise_control, original=original) for p in paths]
     if noise_control:
         looped = [m for m in models if m.spec is not None and m.spec.noise_seed is None]
         if not looped:
