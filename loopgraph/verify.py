@@ -60,6 +60,15 @@ def read_spec(model: onnx.ModelProto, path: Path) -> LoopSpec:
     return spec
 
 
+def _embedding_rows(model: onnx.ModelProto) -> int | None:
+    """Rows of the token embedding: the initializer a Gather on ``input_ids`` reads."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" and node.input[0] in inits:
+            return int(inits[node.input[0]].dims[0])
+    return None
+
+
 def check_reference(hf, model: onnx.ModelProto, path: Path, ref: str | os.PathLike, spec: LoopSpec) -> None:
     """The reference must be the model the file was exported from, as far as the graph tells:
     the vocabulary (logits width), the block count recorded at rewrite time, and the hidden size
@@ -71,7 +80,7 @@ def check_reference(hf, model: onnx.ModelProto, path: Path, ref: str | os.PathLi
         raise LoopgraphError(f"{path} is not a causal LM export (needs inputs input_ids, attention_mask and output logits); "
                              "verify a loopgraph rewrite of an export")
     dims = logits.type.tensor_type.shape.dim
-    vocab = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else None
+    vocab = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else _embedding_rows(model)
     blocks = props(model).get(BLOCKS_KEY)
     layers = getattr(cfg, "num_hidden_layers", None)
     for what, graph_says, ref_says in (("vocabulary size", vocab, getattr(cfg, "vocab_size", None)),

@@ -49,12 +49,29 @@ def cmd_view(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         # a parent that ignores SIGINT (a background job of a script, a test runner) passes that on; Ctrl-C must still stop us
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # kill PID / a closed terminal: unwind too, so netron_servers stops the servers instead of orphaning them
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
         try:
             while True:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)
+        except _Stopped as e:
+            print(f"stopped ({signal.Signals(e.signum).name})", file=sys.stderr)
     return 0
+
+
+class _Stopped(BaseException):
+    """Raised by the SIGTERM/SIGHUP handler of ``view`` (a BaseException: no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise _Stopped(signum)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
