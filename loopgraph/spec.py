@@ -154,6 +154,8 @@ class LoopSpec:
     @classmethod
     def from_json(cls, text: str) -> LoopSpec:
         data: dict[str, Any] = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, expected an object")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -243,13 +242,18 @@ def test_source_of_another_model_is_refused_and_original_overrides(work, tmp_pat
     to build the noise control from it silently."""
     sub = work / "variants"
     sub.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        if (work / f).is_file():
+            shutil.copy(work / f, sub / f)
     out = _looped(work, sub / "l.onnx")
-    other = _external_export(work / "model.onnx", tmp_path / "other", scale=0.5)
     sibling = work / "model.onnx"
     saved = tmp_path / "saved.onnx"
     shutil.move(sibling, saved)
-    shutil.copy(other, sibling)  # same name, same shape, other weights
-    shutil.copy(other.parent / "model.onnx_data", work / "model.onnx_data")
+    other = onnx.load(str(saved))  # same name, same shape, other weights (inline, like the original)
+    for t in other.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float32(0.5), t.name))
+    onnx.save_model(other, str(sibling))
     r = run_cli("eval", out, "--noise-control", "--tasks", "arc_easy", "--limit", "2", "--no-cache", "--no-progress")
     line = _one_line_error(r, "is not the model", str(sibling), str(out), "--original")
     assert "digest" in line
@@ -258,6 +262,9 @@ def test_source_of_another_model_is_refused_and_original_overrides(work, tmp_pat
     assert original_of(out, load_model(out), saved) == saved
     with pytest.raises(Exception, match="is not the model"):
         original_of(out, load_model(out), sibling)
+    r = run_cli("eval", out, "--noise-control", "--original", saved, "--tasks", "arc_easy", "--limit", "2", "--no-cache",
+                "--no-progress")
+    assert r.returncode == 0 and "noise" in r.stdout, r.stderr
 
 
 # --- one line, exit 2 ------------------------------------------------------------------------
@@ -410,7 +417,9 @@ def test_spec_refuses_infinite_k_and_negative_noise_seed():
         LoopSpec(1, 3, noise_seed=-5)
 
 
-def test_inspect_json_of_a_rewrite_is_valid(work):
+@pytest.mark.parametrize("record", ["[]", "{", '{"start": 1, "reg": "cubic"}'])
+def test_inspect_of_an_unreadable_rewrite_record_is_one_line(work, record):
     out = _looped(work, work / "l.onnx")
-    info = json.loads(run_cli("inspect", out, "--json").stdout)
-    assert info["rewrite"]["start"] == 1 and info["rewrite"]["end"] == 3
+    _set_meta(out, **{"loopgraph.spec": record})
+    for argv in (["inspect", out], ["inspect", out, "--json"]):
+        _one_line_error(run_cli(*argv), "loopgraph.spec")
