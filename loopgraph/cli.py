@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",
-                       description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in the README).")
+                       description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in docs/rewrite.md).")
     p.add_argument("model", help="the .onnx file of an export")
     p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive, Python slice rules (e.g. 10:20, -5:, :8)")
     p.add_argument("--iters", "-n", type=int_arg, default=3, help="N, applications of the range (1..64, default 3)")

@@ -267,14 +267,14 @@ def task_files(task: Task, data_dir: Path) -> list[Path]:
     """The task's files in ``data_dir``, or a one-line error naming the missing one."""
     if not data_dir.is_dir():
         raise LoopgraphError(f"data folder {data_dir} does not exist; pass --data-dir with the benchmarks folder "
-                             "(layout in the README's Evaluation section) or drop --data-dir to use the shipped samples")
+                             "(layout in docs/eval.md, section Data) or drop --data-dir to use the shipped samples")
     paths = [data_dir / f for f in task.files]
     for p in paths:
         if not p.is_file():
             hint = (" (SciQ is not shipped with loopgraph: its licence is non-commercial)"
                     if task.name == "sciq" else "")
             raise LoopgraphError(f"{task.name}: {p} is missing{hint}; pass --data-dir with a folder that has "
-                                 f"{task.files[0]} (layout in the README's Evaluation section)")
+                                 f"{task.files[0]} (layout in docs/eval.md, section Data)")
     return paths
 
 
