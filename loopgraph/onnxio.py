@@ -157,12 +157,18 @@ def _nbytes(t: TensorProto) -> int | None:
 
 def _names(model: onnx.ModelProto) -> Iterator[str | bytes]:
     """Every string a pass or a printer reads: names, op types, domains, attribute names, metadata."""
+    yield from (model.producer_name, model.producer_version, model.domain, model.doc_string)
     for g in _graphs(model.graph):
-        yield g.name
-        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
-            yield v.name
+        yield from (g.name, g.doc_string)
+        for v in (*g.input, *g.output, *g.value_info):
+            yield from (v.name, v.doc_string)
+            yield from (d.dim_param for d in v.type.tensor_type.shape.dim)
+        for t in g.initializer:
+            yield t.name
+            for e in t.external_data:
+                yield from (e.key, e.value)
         for node in g.node:
-            yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
+            yield from (node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output)
             yield from (a.name for a in node.attribute)
     for p in model.metadata_props:
         yield from (p.key, p.value)
@@ -226,6 +232,20 @@ def check_output(path: str | os.PathLike, *, force: bool = False, what: str = "-
         raise LoopgraphError(f"output folder {folder} does not exist; create it first (for {what} {p})")
     if (p.exists() or p.is_symlink()) and not force:
         raise LoopgraphError(f"{what} {p} already exists; pass --force to replace it, or choose another path")
+    return p
+
+
+def check_output_folder(folder: str | os.PathLike, patterns: tuple[str, ...], *, force: bool = False, what: str = "-o") -> Path:
+    """The folder form of :func:`check_output` (``sweep``, ``trace``): refuse a path that is a
+    file, and a folder already holding files the command writes (``patterns``, globs) unless
+    ``force``. The folder itself may exist (and is created later if not)."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise LoopgraphError(f"{what} {p} is a file; give a folder for the outputs")
+    taken = sorted({f.name for pattern in patterns for f in p.glob(pattern)}) if p.is_dir() else []
+    if taken and not force:
+        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise LoopgraphError(f"{what} {p} already holds {shown}; pass --force to replace them, or choose another folder")
     return p
 
 
