@@ -53,19 +53,20 @@ def spec_from_args(args: argparse.Namespace) -> LoopSpec:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
+    from loopgraph.passes.unroll import UnrollReport
     from loopgraph.rewrite import rewrite
     t0 = time.time()
     spec = spec_from_args(args)
     result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force,
                      kv_given=args.kv is not None, say=lambda m: print(m, file=sys.stderr))
     s = result.spec
-    report = result.reports["unroll" if s.unroll else "wrap-in-loop"]
+    report = result.report
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
-           f"{', kv ' + s.kv if report['kv'] else ''}")
-    if s.unroll:
-        detail = f"{report['copied_nodes']} nodes in {s.iters} straight-line copies"
+           f"{', kv ' + s.kv if report.kv else ''}")
+    if isinstance(report, UnrollReport):
+        detail = f"{report.copied_nodes} nodes in {s.iters} straight-line copies"
     else:
-        detail = f"{report['body_nodes']} nodes in the Loop body, {report['regularizer_nodes']} regularizer nodes"
+        detail = f"{report.body_nodes} nodes in the Loop body, {report.regularizer_nodes} regularizer nodes"
     print(f"looped blocks {s.start}:{s.end} of {len(result.blocks)} x{s.iters} ({how}): {detail}")
     print(f"wrote {result.path} in {time.time() - t0:.1f} s")
     return 0

@@ -1,4 +1,4 @@
-"""The rewrite pipeline: find blocks, then wrap the range in a Loop. Files or in-memory models."""
+"""The rewrite pipeline (find blocks, then wrap the range in a Loop or unroll it), on files or in-memory models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import onnx
 from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
@@ -26,10 +25,10 @@ from loopgraph.onnxio import (
     resolve_model_path,
     save_model,
 )
-from loopgraph.passes.base import Pass, PassResult, run_passes
-from loopgraph.passes.blocks import BlockMap, find_blocks, has_kv_cache
-from loopgraph.passes.loop import is_looped, wrap_in_loop
-from loopgraph.passes.unroll import unroll
+from loopgraph.passes.base import Pipeline, Reports
+from loopgraph.passes.blocks import BlockMap, BlocksReport, FindBlocks, has_kv_cache
+from loopgraph.passes.loop import LoopReport, WrapInLoop
+from loopgraph.passes.unroll import Unroll, UnrollReport
 from loopgraph.provenance import file_hash, source_props
 from loopgraph.spec import LoopSpec
 
@@ -42,26 +41,28 @@ class RewriteResult:
     path: Path | None  # where it was written
     spec: LoopSpec  # resolved against the model's blocks
     blocks: BlockMap
-    reports: dict[str, dict[str, Any]]
+    reports: Reports  # every pass's typed report, in pipeline order
+
+    @property
+    def report(self) -> LoopReport | UnrollReport:
+        """The report of the pass that wrote the range (the Loop or the unrolled copies)."""
+        return self.reports.get(UnrollReport if self.spec.unroll else LoopReport)
 
 
 def default_output(src: Path, spec: LoopSpec) -> Path:
     return src.with_name(f"{src.stem}.{spec.slug()}.onnx")
 
 
-def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, dict]:
+def pipeline(spec: LoopSpec) -> Pipeline:
+    """The rewrite as data: find the blocks, then loop (or unroll) the range."""
+    return Pipeline([FindBlocks(), Unroll(spec) if spec.unroll else WrapInLoop(spec)])
+
+
+def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, Reports]:
     """Rewrite an in-memory model (weights may be stubs). Returns a new model; ``model`` is kept."""
-    if is_looped(model):  # checked before block discovery, which cannot see into a Loop body
-        raise LoopgraphError("the model is already looped by loopgraph; rewrite the original export instead")
-    blocks = find_blocks(model)
-    resolved = spec.resolve(len(blocks), blocks.strategy)
-    pipeline = [
-        Pass("find-blocks", lambda m: PassResult(m, False, {"blocks": len(blocks), "strategy": blocks.strategy})),
-        Pass("unroll", lambda m: unroll(m, resolved, blocks)) if resolved.unroll else
-        Pass("wrap-in-loop", lambda m: wrap_in_loop(m, resolved, blocks)),
-    ]
-    new, results = run_passes(model, pipeline)
-    return new, resolved, blocks, {name: r.report for name, r in results}
+    new, reports = pipeline(spec)(model)
+    resolved = reports.get(UnrollReport if spec.unroll else LoopReport).spec
+    return new, resolved, reports.get(BlocksReport).blocks, reports
 
 
 def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: str | os.PathLike | None = None,

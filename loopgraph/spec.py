@@ -5,7 +5,7 @@ Notation (DESIGN §1): ``x0`` enters block ``start``; ``y_t = B(x_{t-1})`` appli
 ``[start, end)`` for the t-th time (t = 1..N); ``r = y_1`` is the non-looped output; ``x_t``
 is fed to the next application (or to block ``end`` after t = N). Always ``x_1 = y_1 = r``.
 
-Regularizers, x_t for t >= 2:
+Regularizers, x_t for t >= 2 (defined once in :mod:`loopgraph.regularizers`):
 
 =============  ==============================================================
 ``naive``      ``y_t``
@@ -34,16 +34,10 @@ import re
 from typing import Any
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.regularizers import ALL, regularizer
 
-#: regularizer name -> the parameter it takes (None, "alpha" or "k")
-REGULARIZERS: dict[str, str | None] = {
-    "naive": None,
-    "uniform": None,
-    "ema": "alpha",
-    "anchor": "alpha",
-    "auto-align": None,
-    "damped": "k",
-}
+#: regularizer name -> the parameter it takes (None, "alpha" or "k"), from their definitions
+REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 KV_MODES = ("exact", "first", "last")
 MAX_ITERS = 64
 METADATA_KEY = "loopgraph.spec"
@@ -69,10 +63,7 @@ class LoopSpec:
     unroll: bool = False  # N straight-line copies of the range instead of a Loop
 
     def __post_init__(self) -> None:
-        if self.reg not in REGULARIZERS:
-            raise LoopgraphError(
-                f"unknown regularizer {self.reg!r}; choose one of {', '.join(REGULARIZERS)}"
-            )
+        reg = regularizer(self.reg)  # refuses an unknown name
         if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)):
             raise LoopgraphError(f"noise seed must be an integer, got {self.noise_seed!r}")
         if self.noise_seed is not None and self.noise_seed < 0:
@@ -83,17 +74,17 @@ class LoopSpec:
             raise LoopgraphError(f"--iters {self.iters} is out of range; use 1..{MAX_ITERS}")
         if self.kv not in KV_MODES:
             raise LoopgraphError(f"unknown --kv mode {self.kv!r}; choose one of {', '.join(KV_MODES)}")
-        param = REGULARIZERS[self.reg]
+        param = reg.param
         if param == "alpha":
             if self.alpha is None:
-                object.__setattr__(self, "alpha", 0.5)
+                object.__setattr__(self, "alpha", reg.default)
             if not 0.0 < self.alpha <= 1.0:  # (nan fails this too)
                 raise LoopgraphError(f"--alpha {self.alpha} is outside (0, 1]; pick e.g. 0.5")
         elif self.alpha is not None:
             raise LoopgraphError(f"--alpha applies to ema and anchor, not to {self.reg}; drop it")
         if param == "k":
             if self.k is None:
-                object.__setattr__(self, "k", 2.0)
+                object.__setattr__(self, "k", reg.default)
             if not 1.0 <= self.k < float("inf"):  # inf: a step of 0, the loop would do nothing
                 raise LoopgraphError(f"--k {self.k} must be >= 1 (1/K is the step size); pick e.g. 2")
         elif self.k is not None:

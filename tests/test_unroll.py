@@ -18,6 +18,7 @@ from loopgraph.verify import feeds_for
 from tests.conftest import batch_feeds
 
 FEEDS = feeds_for(*batch_feeds())
+THREADS = 1  # every session here: CPUExecutionProvider, one intra-op thread
 
 
 @functools.cache
@@ -26,7 +27,8 @@ def _load(path):
 
 
 def _run(model, opt, feeds=FEEDS):
-    s = open_session(model, opt_level=opt)
+    s = open_session(model, device="cpu", threads=THREADS, opt_level=opt)
+    assert s.providers[0] == "CPUExecutionProvider", s.providers
     return dict(zip([o.name for o in s.ort_session.get_outputs()], s.ort_session.run(None, feeds)))
 
 
@@ -46,11 +48,12 @@ def test_unrolled_equals_loop(tiny, arch, reg):
         # the same graph semantics: bit-exact without ORT's fusions, and with the basic ones ...
         for opt in ("disable", "basic"):
             a, b = _run(loop, opt)["logits"], _run(flat, opt)["logits"]
-            assert np.array_equal(a, b), f"{reg} {rng} N={n} opt={opt}: max|Δ| {np.abs(a - b).max():.3g}"
+            assert np.array_equal(a, b), f"{reg} {rng} N={n} opt={opt}: max|Δ| {np.abs(a - b).max():.3g} (CPU EP, {THREADS} thread)"
         # ... while extended fusions (SkipLayerNorm of an interpolation Add and the next copy's norm)
         # may cross copy boundaries, which a Loop body boundary prevents
         for opt in ("extended", "all"):
-            assert np.abs(_run(loop, opt)["logits"] - _run(flat, opt)["logits"]).max() <= 1e-6
+            err = np.abs(_run(loop, opt)["logits"] - _run(flat, opt)["logits"]).max()
+            assert err <= 1e-6, f"{reg} {rng} N={n} opt={opt}: max|Δ| {err:.3g} > 1e-6 (CPU EP, {THREADS} thread)"
 
 
 def test_unrolled_structure_and_weights(tiny):

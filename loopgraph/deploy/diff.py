@@ -33,9 +33,9 @@ from loopgraph.deploy.graphs import (
     tensor_bytes,
 )
 from loopgraph.errors import LoopgraphError
+from loopgraph.naming import NAME_PREFIX
 from loopgraph.onnxio import load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
-from loopgraph.passes.regularize import NAME_PREFIX
 
 _KV_NAME = re.compile(r"(past_key_values|present)\.\d+\.")
 BYTES_TOLERANCE = 0.01  # "no weight duplicated" also needs B's initializer bytes within 1 % of A's

@@ -30,21 +30,15 @@ import onnx
 
 from loopgraph.deploy.graphs import all_graphs, loops, spec_of
 from loopgraph.errors import LoopgraphError
+from loopgraph.naming import NAME_PREFIX
 from loopgraph.onnxio import atomic_path, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
-from loopgraph.passes.regularize import NAME_PREFIX
+from loopgraph.regularizers import ALL
 
 HOST = "127.0.0.1"  # loopback only: a model is not published on the network
 
-#: x_t for t >= 2, as in loopgraph.spec (a = alpha, K = k)
-REG_FORMULAS = {
-    "naive": "x_t = y_t",
-    "uniform": "x_t = (1/t) · Σ_{i≤t} y_i",
-    "ema": "x_t = α·y_t + (1−α)·x_{t−1}",
-    "anchor": "x_t = α·y_t + (1−α)·r",
-    "auto-align": "x_t = Σ w_i·y_i / Σ w_i\\nw_i = max(0, cos(y_i, r))",
-    "damped": "x_t = (1−1/K)·x_{t−1} + (1/K)·y_t",
-}
+#: x_t for t >= 2, from the regularizers' definitions (graphviz writes a line break as \\n)
+REG_FORMULAS = {r.name: r.formula.replace("\n", "\\n") for r in ALL}
 
 
 # --- Netron ----------------------------------------------------------------------------------------

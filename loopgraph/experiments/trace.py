@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.naming import lg_name
 from loopgraph.spec import LoopSpec
 
-TRACE_Y, TRACE_X = "loopgraph/trace/y", "loopgraph/trace/x"
+TRACE_Y, TRACE_X = lg_name("trace", "y"), lg_name("trace", "x")
 TOP_K = 5
 
 

@@ -1,4 +1,5 @@
-"""Find the decoder blocks of an exported causal LM: a read-only pass returning a :class:`BlockMap`.
+"""Find the decoder blocks of an exported causal LM: a read-only pass (:class:`FindBlocks`)
+whose report holds the :class:`BlockMap`.
 
 Strategies, tried in order; each returns a map or the reason it failed:
 
@@ -25,7 +26,9 @@ from collections.abc import Callable
 import onnx
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.passes.base import PassResult
+from loopgraph.metadata import SPEC_KEY, props
+from loopgraph.naming import is_lg_name
+from loopgraph.passes.base import Pass, PassResult, Reports
 from loopgraph.passes.dataflow import GraphIndex
 
 _BLOCK_PATH_RE = re.compile(r"^(?P<container>.*?)\.(?P<index>\d+)(?:\.|$)")
@@ -177,6 +180,36 @@ def find_blocks(model: onnx.ModelProto) -> BlockMap:
     )
 
 
-def find_blocks_pass(model: onnx.ModelProto) -> PassResult:
-    blocks = find_blocks(model)
-    return PassResult(model, False, {"blocks": blocks})
+def is_looped(model: onnx.ModelProto) -> bool:
+    """True for a file loopgraph rewrote: it records a spec, or a main-graph node carries our prefix.
+    (Node names that are not valid UTF-8, as in a damaged file, are read leniently.)"""
+    return SPEC_KEY in props(model) or any(is_lg_name(n.name) for n in model.graph.node)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlocksReport:
+    blocks: BlockMap
+
+    @property
+    def count(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def strategy(self) -> str:
+        return self.blocks.strategy
+
+
+class FindBlocks(Pass):
+    """Finds the blocks (:func:`find_blocks`); changes nothing. Its report is what later passes
+    resolve a range against. Refuses a model loopgraph has already looped: the blocks inside a
+    Loop body are out of sight of block discovery, and a rewrite must start from the original."""
+
+    name = "find-blocks"
+    gives = BlocksReport
+
+    def requires(self, model: onnx.ModelProto, earlier: Reports) -> None:
+        if is_looped(model):
+            raise LoopgraphError("the model is already looped by loopgraph; rewrite the original export instead")
+
+    def apply(self, model: onnx.ModelProto, checked: None) -> PassResult[BlocksReport]:
+        return PassResult(model, False, BlocksReport(find_blocks(model)))

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import onnx
 
+from loopgraph.metadata import subgraphs
+
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
@@ -108,17 +110,14 @@ class GraphIndex:
 
 def _node_reads(node: onnx.NodeProto) -> list[str]:
     reads = [t for t in node.input if t]
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            reads.extend(_outer_reads(attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                reads.extend(_outer_reads(g))
+    for g in subgraphs(node):
+        reads.extend(_outer_reads(g))
     return reads
 
 
 def _outer_reads(graph: onnx.GraphProto) -> list[str]:
-    """Names a subgraph reads from the enclosing scope."""
+    """Names a subgraph reads from the enclosing scope. (Scopes nest, so this walks one level at a
+    time through :func:`~loopgraph.metadata.subgraphs` rather than over all graphs at once.)"""
     local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     for n in graph.node:
         local.update(n.output)

@@ -1,11 +1,12 @@
 """KV-cache wiring of a looped range in a with-past export (DESIGN §5).
 
-Every iteration of a looped block sees a different input, so it needs its own cache.
+Every iteration of a looped block sees a different input, so it needs its own cache. The
+plan's KV slots (:class:`loopgraph.passes.plan.KvSlot`) say which caches are the looped blocks'.
 
 - ``exact``: for each looped block, ``past_key_values.L.*`` gains a leading axis of size N
-  ([N, batch, kv_heads, past, head_dim]); the body reads its slice with
-  ``Gather(past, iteration, axis=0)``; ``present.L.*`` becomes a Loop scan output
-  ([N, batch, kv_heads, past + seq, head_dim]). Equivalent to recomputing without a cache.
+  ([N, batch, kv_heads, past, head_dim]); iteration t reads its slice with
+  ``Gather(past, t, axis=0)``; ``present.L.*`` becomes a Loop scan output (stacked per
+  iteration: [N, batch, kv_heads, past + seq, head_dim]). Equivalent to recomputing without a cache.
 - ``first`` / ``last``: the original inputs and outputs are kept (one cache slot per block) so
   stock drivers (Optimum's ORTModelForCausalLM) can run the file. Every iteration attends to
   that one past; the present is the first or the last iteration's. An approximation.
@@ -21,37 +22,43 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from loopgraph.passes.regularize import BodyBuilder, lg_name, replace_tensor
-
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
+from loopgraph.naming import lg_name
+from loopgraph.passes.build import BodyBuilder, RangeGraph, replace_tensor
 
 
-def wire_kv(graph: gs.Graph, body_nodes: list[gs.Node], mode: str, iteration: gs.Variable, iters_dim,
-            body: BodyBuilder, outer_pre: BodyBuilder, outer_post: BodyBuilder) -> tuple[list[gs.Tensor], list[gs.Variable]]:
-    """Rewire the caches of the looped blocks. Returns (body scan outputs, Loop scan outputs)."""
-    in_body = {id(n) for n in body_nodes}
-    past_inputs = [t for t in graph.inputs if t.name.startswith(PAST_PREFIX)
-                   and any(id(c) in in_body for c in t.outputs)]
-    present_outputs = [t for t in graph.outputs if t.name.startswith(PRESENT_PREFIX)
-                       and t.inputs and id(t.inputs[0]) in in_body]
+def stack_pasts(rng: RangeGraph, iters_dim: int | str, outer_pre: BodyBuilder) -> None:
+    """``exact``: give each looped past its leading axis of N; outer readers (``Shape(past)``
+    for the past length) read iteration 0's slice instead."""
+    in_body = rng.node_ids
+    for past in rng.pasts:
+        outer_readers = [c for c in past.outputs if id(c) not in in_body]
+        past.shape = [iters_dim, *past.shape]
+        if outer_readers:  # e.g. Shape(past) for the past length: iteration 0 has it
+            first = outer_pre.op("Gather", past, outer_pre.const(np.array(0, np.int64), f"{past.name}/zero"),
+                                 attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
+            for node in outer_readers:
+                replace_tensor(node.inputs, past, first)
+
+
+def past_slice(b: BodyBuilder, past: gs.Variable, iteration: gs.Tensor) -> gs.Variable:
+    """``exact``: iteration t's cache, ``past[t]`` (after :func:`stack_pasts`)."""
+    return b.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration")
+
+
+def wire_loop_kv(rng: RangeGraph, mode: str, iteration: gs.Variable, iters_dim: int | str,
+                 body: BodyBuilder, outer_pre: BodyBuilder, outer_post: BodyBuilder) -> tuple[list[gs.Tensor], list[gs.Variable]]:
+    """Rewire the looped blocks' caches for the Loop form. Returns (body scan outputs, Loop scan outputs)."""
+    in_body = rng.node_ids
     if mode == "exact":
-        for past in past_inputs:
-            inner_readers = [c for c in past.outputs if id(c) in in_body]
-            outer_readers = [c for c in past.outputs if id(c) not in in_body]
-            past.shape = [iters_dim, *past.shape]
-            sliced = body.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:],
-                             name=f"{past.name}/iteration")
-            for node in inner_readers:
+        inner_readers = {id(p): [c for c in p.outputs if id(c) in in_body] for p in rng.pasts}
+        stack_pasts(rng, iters_dim, outer_pre)
+        for past in rng.pasts:
+            sliced = past_slice(body, past, iteration)
+            for node in inner_readers[id(past)]:
                 replace_tensor(node.inputs, past, sliced)
-            if outer_readers:  # e.g. Shape(past) for the past length: iteration 0 has it
-                first = outer_pre.op("Gather", past, outer_pre.const(np.array(0, np.int64), f"{past.name}/zero"),
-                                     attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
-                for node in outer_readers:
-                    replace_tensor(node.inputs, past, first)
 
     body_scan, loop_scan = [], []
-    for present in present_outputs:
+    for present in rng.presents:
         inner = gs.Variable(lg_name("body", present.name), present.dtype, present.shape)
         producer = present.inputs[0]
         for node in [c for c in present.outputs if id(c) in in_body]:

@@ -25,9 +25,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.naming import lg_name
 from loopgraph.passes.base import PassResult
 
-POSITIONS_NAME = "loopgraph/logits_at"
+POSITIONS_NAME = lg_name("logits_at")
 LOGITS = "logits"
 _PER_POSITION = {"Cast", "Identity", "Tanh"}
 _WITH_CONSTANT = {"Mul", "Div", "Add", "Sub"}

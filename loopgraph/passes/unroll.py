@@ -13,27 +13,63 @@ All copies read the *same* weight initializers: no weight is stored twice.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.passes.base import PassResult
-from loopgraph.passes.blocks import BlockMap
-from loopgraph.passes.kv import PAST_PREFIX, PRESENT_PREFIX
-from loopgraph.passes.loop import (
-    check_loopable,
-    check_postconditions,
-    hidden_type,
-    noise_control,
-    param_name,
-    record_spec,
-    restore_model_fields,
-    scalar_param,
-    select_body,
-)
-from loopgraph.passes.regularize import BodyBuilder, build_update, extra_states, lg_name, replace_tensor
-from loopgraph.spec import REGULARIZERS, LoopSpec
+from loopgraph.naming import lg_name
+from loopgraph.passes.base import PassResult, Reports
+from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, scalar_param, splice
+from loopgraph.passes.kv import past_slice, stack_pasts
+from loopgraph.passes.plan import RangePass, RangePlan, RangeReport, record_spec
+from loopgraph.passes.regularize import build_update
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrollReport(RangeReport):
+    copied_nodes: int  # the range's nodes times N
+
+
+@dataclasses.dataclass
+class _Copies:
+    """What the N copies produced: their nodes, y_t and x_t per copy, each copy's presents, and
+    the carried states after the last copy."""
+    state: dict[str, gs.Tensor]
+    nodes: list[gs.Node] = dataclasses.field(default_factory=list)
+    ys: list[gs.Tensor] = dataclasses.field(default_factory=list)
+    xs: list[gs.Tensor] = dataclasses.field(default_factory=list)
+    presents: list[list[gs.Tensor]] = dataclasses.field(default_factory=list)
+
+
+class Unroll(RangePass):
+    """Blocks ``[start, end)`` applied N times in straight-line form (see the module docstring)."""
+
+    name = "unroll"
+    gives = UnrollReport
+
+    def requires(self, model: onnx.ModelProto, earlier: Reports) -> RangePlan:
+        if not self.spec.unroll:
+            raise ValueError("Unroll needs a spec with unroll=True (it is recorded in the file)")
+        if self.spec.dynamic:
+            raise LoopgraphError("--unroll writes N copies of the range, so N cannot be a run-time input; drop --dynamic or --unroll")
+        return super().requires(model, earlier)
+
+    def apply(self, model: onnx.ModelProto, plan: RangePlan) -> PassResult[UnrollReport]:
+        rng = open_range(model, plan)
+        name = plan.param_name
+        weight = None if name is None else scalar_param(rng.graph, name, plan.params[name], False)
+        kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
+        if plan.spec.kv == "exact":
+            stack_pasts(rng, plan.iters_dim, kv_start)
+        copies = _copy_range(rng, plan, weight, initial_states(pre, plan.states, rng.x0, list(plan.shape)))
+        _wire_outputs(rng, plan, copies, post)
+        splice(rng, plan.at, kv_start.nodes, pre.nodes + copies.nodes + post.nodes)
+        new = export(rng, model, has_body=False)
+        record_spec(new, plan)
+        return PassResult(new, True, UnrollReport(**plan.report_fields(), copied_nodes=len(rng.nodes) * plan.spec.iters))
 
 
 def _clone(nodes: list[gs.Node], mapping: dict[int, gs.Tensor], prefix: str) -> list[gs.Node]:
@@ -51,6 +87,28 @@ def _clone(nodes: list[gs.Node], mapping: dict[int, gs.Tensor], prefix: str) -> 
     return copies
 
 
+def _copy_range(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, state: dict[str, gs.Tensor]) -> _Copies:
+    """Copy t (t = 1..N): y_t = B(x_{t-1}) with the range's nodes cloned, then the regularizer's
+    update with the iteration number a constant. ``state``: the states' initial values."""
+    done, x_prev = _Copies(state), rng.x0
+    for t in range(1, plan.spec.iters + 1):
+        b = BodyBuilder(f"iter{t}", plan.dtype)
+        iteration = b.const(np.array(t - 1, np.int64), "iteration")
+        mapping: dict[int, gs.Tensor] = {id(rng.x0): x_prev}
+        if plan.spec.kv == "exact":
+            mapping.update({id(past): past_slice(b, past, iteration) for past in rng.pasts})
+        head = list(b.nodes)
+        del b.nodes[:]
+        nodes_t = _clone(rng.nodes, mapping, lg_name(f"iter{t}"))
+        y = mapping[id(rng.out)]
+        x_prev, done.state = build_update(b, plan.reg, iteration, y, x_prev, done.state, weight, list(plan.shape))
+        done.nodes += head + nodes_t + b.nodes
+        done.ys.append(y)
+        done.xs.append(x_prev)
+        done.presents.append([mapping[id(p)] for p in rng.presents])
+    return done
+
+
 def _stack(b: BodyBuilder, tensors: list[gs.Tensor], out: gs.Variable, name: str) -> None:
     """``out = [N, ...]`` from N tensors: Unsqueeze each on axis 0 and Concat."""
     axes = b.const(np.array([0], np.int64), f"{name}_axis")
@@ -58,92 +116,26 @@ def _stack(b: BodyBuilder, tensors: list[gs.Tensor], out: gs.Variable, name: str
     b.nodes.append(gs.Node("Concat", name=lg_name(b.scope, name, "concat"), inputs=parts, outputs=[out], attrs={"axis": 0}))
 
 
-def unroll(model: onnx.ModelProto, spec: LoopSpec, blocks: BlockMap) -> PassResult:
-    """Return a new model with blocks ``[spec.start, spec.end)`` applied N times in straight-line form."""
-    check_loopable(model, spec, blocks)
-    if not spec.unroll:
-        raise ValueError("unroll() needs a spec with unroll=True (it is recorded in the file)")
-    if spec.dynamic:
-        raise LoopgraphError("--unroll writes N copies of the range, so N cannot be a run-time input; drop --dynamic or --unroll")
-    x0_name, out_name, body_ids = select_body(model, blocks, spec)
-    dtype, shape = hidden_type(model, x0_name)
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    x0, out = tensors[x0_name], tensors[out_name]
-    body_nodes = [graph.nodes[i] for i in body_ids]
-    in_body = {id(n) for n in body_nodes}
-    weight_value = {"alpha": spec.alpha, "k": spec.k}.get(REGULARIZERS[spec.reg] or "")
-    weight = None if weight_value is None else scalar_param(graph, param_name(spec.reg), np.array(weight_value, dtype), False)
-
-    pasts = [t for t in graph.inputs if t.name.startswith(PAST_PREFIX) and any(id(c) in in_body for c in t.outputs)]
-    presents = [t for t in graph.outputs if t.name.startswith(PRESENT_PREFIX) and t.inputs and id(t.inputs[0]) in in_body]
-    kv_start, pre, post = BodyBuilder("kv", dtype), BodyBuilder("init", dtype), BodyBuilder("post", dtype)
-    if spec.kv == "exact":
-        for past in pasts:
-            outer_readers = [c for c in past.outputs if id(c) not in in_body]
-            past.shape = [spec.iters, *past.shape]
-            if outer_readers:  # Shape(past) for the past length: iteration 0 has it
-                first = kv_start.op("Gather", past, kv_start.const(np.array(0, np.int64), f"{past.name}/zero"), attrs={"axis": 0},
-                                    dtype=past.dtype, shape=past.shape[1:], name=f"{past.name}/iteration0")
-                for node in outer_readers:
-                    replace_tensor(node.inputs, past, first)
-
-    states = extra_states(spec.reg, shape, need_r=spec.noise_seed is not None)
-    init = {"x0": x0}
-    if any(s.init == "x0_sum" for s in states):
-        init["x0_sum"] = pre.op("ReduceSum", x0, pre.const(np.array([-1], np.int64), "hidden_axis"), attrs={"keepdims": 1},
-                                dtype=dtype, shape=list(shape[:-1]) + [1], name="x0_sum")
-    state = {s.name: init[s.init] for s in states}
-
-    copies: list[gs.Node] = []
-    x_prev, ys, xs, per_copy_presents = x0, [], [], []
-    for t in range(1, spec.iters + 1):
-        b = BodyBuilder(f"iter{t}", dtype)
-        iteration = b.const(np.array(t - 1, np.int64), "iteration")
-        mapping: dict[int, gs.Tensor] = {id(x0): x_prev}
-        if spec.kv == "exact":
-            for past in pasts:
-                mapping[id(past)] = b.op("Gather", past, iteration, attrs={"axis": 0}, dtype=past.dtype, shape=past.shape[1:],
-                                         name=f"{past.name}/iteration")
-        head = list(b.nodes)
-        del b.nodes[:]
-        nodes_t = _clone(body_nodes, mapping, lg_name(f"iter{t}"))
-        y = mapping[id(out)]
-        x_prev, state = build_update(b, spec.reg, iteration, y, x_prev, state, weight, shape)
-        copies += head + nodes_t + b.nodes
-        ys.append(y)
-        xs.append(x_prev)
-        per_copy_presents.append([mapping[id(p)] for p in presents])
-
-    # Outer wiring: presents, trace outputs, the range output (same name as before).
-    for i, present in enumerate(presents):
+def _wire_outputs(rng: RangeGraph, plan: RangePlan, copies: _Copies, post: BodyBuilder) -> None:
+    """Outer wiring: presents (stacked, or the first or last copy's), trace outputs, and the range
+    output (same name as before, so nothing downstream is rewired)."""
+    spec, shape = plan.spec, list(plan.shape)
+    for i, present in enumerate(rng.presents):
         present.inputs.clear()
         if spec.kv == "exact":
             present.shape = [spec.iters, *(present.shape or [])]
-            _stack(post, [c[i] for c in per_copy_presents], present, f"{present.name}/stack")
+            _stack(post, [c[i] for c in copies.presents], present, f"{present.name}/stack")
         else:
-            chosen = per_copy_presents[0 if spec.kv == "first" else -1][i]
+            chosen = copies.presents[0 if spec.kv == "first" else -1][i]
             post.nodes.append(gs.Node("Identity", name=lg_name("post", present.name, spec.kv), inputs=[chosen], outputs=[present]))
     if spec.trace:
-        for name, states_t in (("y", ys), ("x", xs)):
-            traced = gs.Variable(lg_name("trace", name), dtype, [spec.iters, *shape])
+        for name, states_t in (("y", copies.ys), ("x", copies.xs)):
+            traced = gs.Variable(lg_name("trace", name), plan.dtype, [spec.iters, *shape])
             _stack(post, states_t, traced, f"trace_{name}")
-            graph.outputs.append(traced)
-    out.inputs.clear()
+            rng.graph.outputs.append(traced)
+    rng.out.inputs.clear()
+    x_last = copies.xs[-1]
     if spec.noise_seed is not None:
-        noise_control(post, x_prev, state["r"], out, spec.noise_seed, shape)
+        noise_control(post, x_last, copies.state["r"], rng.out, spec.noise_seed, shape)
     else:
-        post.nodes.append(gs.Node("Identity", name=lg_name("post", "x_final"), inputs=[x_prev], outputs=[out]))
-
-    producer_index = max(body_ids)
-    moved = in_body
-    graph.nodes = kv_start.nodes + [n for n in graph.nodes[:producer_index] if id(n) not in moved] + pre.nodes + copies + post.nodes + \
-        [n for n in graph.nodes[producer_index:] if id(n) not in moved]
-    new = gs.export_onnx(graph, do_type_check=False)
-    restore_model_fields(new, model)
-    record_spec(new, spec, blocks)
-    check_postconditions(new)
-    report = {"range": f"{spec.start}:{spec.end}", "blocks": len(blocks), "iters": spec.iters, "reg": spec.reg,
-              "copied_nodes": len(body_nodes) * spec.iters, "kv": spec.kv if presents else None,
-              "range_input": x0_name, "range_output": out_name}
-    return PassResult(new, True, report)
+        post.nodes.append(gs.Node("Identity", name=lg_name("post", "x_final"), inputs=[x_last], outputs=[rng.out]))

@@ -1,40 +1,46 @@
 """The PyTorch looped model: the Hugging Face model's own blocks ``[start, end)`` applied N times
-with the regularizer, written directly from the formulas in :mod:`loopgraph.spec` (sums over all
+with the regularizer, written directly from the formulas in :mod:`loopgraph.regularizers` (sums over all
 ``y_i`` rather than the graph's running updates), so it checks the ONNX graph independently.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from loopgraph.passes.regularize import COS_EPS
+from loopgraph.regularizers import COS_EPS
 from loopgraph.spec import LoopSpec
 
 
 def next_state(spec: LoopSpec, t: int, ys: list[torch.Tensor], x_prev: torch.Tensor) -> torch.Tensor:
     """x_t from y_1..y_t (DESIGN §1); x_1 = y_1 = r."""
-    y, r = ys[-1], ys[0]
-    if t == 1 or spec.reg == "naive":
-        return y
-    if spec.reg == "uniform":
-        return torch.stack(ys).sum(0) / t
-    if spec.reg == "ema":
-        return spec.alpha * y + (1 - spec.alpha) * x_prev
-    if spec.reg == "anchor":
-        return spec.alpha * y + (1 - spec.alpha) * r
-    if spec.reg == "damped":
-        return (1 - 1 / spec.k) * x_prev + (1 / spec.k) * y
-    if spec.reg == "auto-align":
-        weights = [torch.ones_like(r[..., :1])]
-        for y_i in ys[1:]:
-            cos = (y_i * r).sum(-1, keepdim=True) / torch.clamp(y_i.norm(dim=-1, keepdim=True) * r.norm(dim=-1, keepdim=True), min=COS_EPS)
-            weights.append(torch.relu(cos))
-        return sum(w * y_i for w, y_i in zip(weights, ys)) / sum(weights)
-    raise ValueError(spec.reg)
+    if t == 1:
+        return ys[-1]
+    return STEPS[spec.reg](spec, t, ys, x_prev)
+
+
+def _auto_align(spec: LoopSpec, t: int, ys: list[torch.Tensor], x_prev: torch.Tensor) -> torch.Tensor:
+    r = ys[0]
+    weights = [torch.ones_like(r[..., :1])]
+    for y_i in ys[1:]:
+        cos = (y_i * r).sum(-1, keepdim=True) / torch.clamp(y_i.norm(dim=-1, keepdim=True) * r.norm(dim=-1, keepdim=True), min=COS_EPS)
+        weights.append(torch.relu(cos))
+    return sum(w * y_i for w, y_i in zip(weights, ys)) / sum(weights)
+
+
+#: x_t for t >= 2 of each regularizer in :data:`loopgraph.regularizers.ALL`, from its formula
+#: (written independently of the graph's running updates; a test checks it is complete)
+STEPS: dict[str, Callable[[LoopSpec, int, list[torch.Tensor], torch.Tensor], torch.Tensor]] = {
+    "naive": lambda spec, t, ys, x_prev: ys[-1],
+    "uniform": lambda spec, t, ys, x_prev: torch.stack(ys).sum(0) / t,
+    "ema": lambda spec, t, ys, x_prev: spec.alpha * ys[-1] + (1 - spec.alpha) * x_prev,
+    "anchor": lambda spec, t, ys, x_prev: spec.alpha * ys[-1] + (1 - spec.alpha) * ys[0],
+    "auto-align": _auto_align,
+    "damped": lambda spec, t, ys, x_prev: (1 - 1 / spec.k) * x_prev + (1 / spec.k) * ys[-1],
+}
 
 
 class LoopedRange(nn.Module):

@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.naming import lg_name
 from loopgraph.runtime.session import Session
 from loopgraph.spec import MAX_ITERS, METADATA_KEY, LoopSpec
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-ITERS_INPUT = "loopgraph/iters"
+ITERS_INPUT = lg_name("iters")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
