@@ -75,20 +75,21 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
     ``model.loop10-20x3-uniform.onnx``) through a temporary file; weights are never loaded
     when they are external data, and are never stored twice.
 
-    Refused (:class:`LoopgraphError`, nothing written): an input that ``onnx.checker`` (full
-    check, strict shape inference) rejects or whose default opset is outside 1..the newest
-    opset onnx knows, an output that exists (unless ``force``) or is the input, external weights
-    in another folder without ``copy_weights``, and a ``--kv`` mode (``kv_given``) for a model
+    Refused (:class:`LoopgraphError`, nothing written): an input file that ``onnx.checker``
+    (full check, strict shape inference) rejects or whose default opset is outside 1..the newest
+    opset onnx knows (:func:`check_input`; files only: an in-memory model is the caller's), an
+    output that exists (unless ``force``) or is the input, external weights in another folder
+    without ``copy_weights``, and a ``--kv`` mode (``kv_given``) for a model
     without a KV cache. ``copy_weights`` never replaces a data file: an identical one is reused,
     a different one under the same name leaves it alone and writes a fresh name (see
     :func:`_copy_data_files`); ``say`` is told what was done."""
     if isinstance(model, onnx.ModelProto):
-        if not external_locations(model):  # (external weights: the checker would need their folder)
-            check_input(model, "the model")
+        # a model the caller's code holds: the passes' preconditions apply, not the file checks
+        # (graphs built in code often leave output shapes to inference, which onnx.checker refuses)
         work = onnx.ModelProto()
         work.CopyFrom(model)
         stash = detach_weights(work)
-        new, resolved, blocks, reports = _rewrite_checked(work, spec, "the model")
+        new, resolved, blocks, reports = rewrite_model(work, spec)
         attach_weights(new, stash)
         return RewriteResult(new, None, resolved, blocks, reports)
 
@@ -150,7 +151,7 @@ def check_input(model: onnx.ModelProto, label: str, path: Path | None = None) ->
                              "rewrite an unmodified export (loopgraph export)") from None
 
 
-def _rewrite_checked(model: onnx.ModelProto, spec: LoopSpec, label: str) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, dict]:
+def _rewrite_checked(model: onnx.ModelProto, spec: LoopSpec, label: str) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, Reports]:
     """:func:`rewrite_model`, with graphsurgeon's refusal of a graph it cannot sort (a cycle the
     checker's order check let through) turned into a user error; other exceptions are bugs."""
     try:
