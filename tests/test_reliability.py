@@ -417,7 +417,7 @@ def test_spec_refuses_infinite_k_and_negative_noise_seed():
         LoopSpec(1, 3, noise_seed=-5)
 
 
-@pytest.mark.parametrize("record", ["[]", "{", '{"start": 1, "reg": "cubic"}'])
+@pytest.mark.parametrize("record", ["[]", '"text"'])  # JSON that is no object: a traceback before
 def test_inspect_of_an_unreadable_rewrite_record_is_one_line(work, record):
     out = _looped(work, work / "l.onnx")
     _set_meta(out, **{"loopgraph.spec": record})
