@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from loopgraph.eval.runner import SAMPLES_DIR, OnnxScorer, open_model, select  # noqa: E402
 from loopgraph.eval.tasks import TASKS, load_items  # noqa: E402
-from loopgraph.exporters.export import reference_dir  # noqa: E402
+from loopgraph.exportdir import reference_dir  # noqa: E402
 
 ONNX_BATCH_TOKENS = (128, 512, 2048)
 HF_BATCH_ITEMS = (1, 4)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = ap.parse_args()
 
-    from loopgraph.eval.hf_scorer import HFScorer
+    from loopgraph.reference.hf_scorer import HFScorer
     data = args.data_dir if args.data_dir.is_dir() else SAMPLES_DIR
     task = TASKS[args.task]
     items = select(load_items(task, data), args.items, 1234)

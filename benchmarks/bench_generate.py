@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loopgraph.exporters.export import reference_dir
+    from loopgraph.exportdir import reference_dir
     from loopgraph.reference.looped import reference_generate
     from loopgraph.runtime.generate import generate, open_lm
     from loopgraph.runtime.session import open_session

@@ -102,7 +102,7 @@ def main() -> None:
             "location='model.onnx.data')")
     base = baseline_rss()
     for label, p in (("inline", model), ("external", ext_dir / "model.onnx")):
-        t, rss, _ = measure(f"from loopgraph.inspect import describe; describe({str(p)!r})")
+        t, rss, _ = measure(f"from loopgraph.deploy.describe import describe; describe({str(p)!r})")
         res[f"inspect_{label}_s"], res[f"inspect_{label}_rss_mb"] = t, rss
         print(f"inspect ({label}): {t:.2f} s, peak RSS {rss:.0f} MB (interpreter + libraries alone: {base:.0f} MB; weights {weights_mb:.0f} MB)")
 

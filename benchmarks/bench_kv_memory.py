@@ -32,12 +32,13 @@ from loopgraph.spec import LoopSpec, parse_range  # noqa: E402
 def cache_bytes(path: Path, folder: Path, batch: int, length: int, threads: int) -> tuple[int, dict[int, int]]:
     """Total bytes of the present outputs after a prefill of ``length`` tokens, and the rank of
     each present's shape -> how many presents have it."""
-    from loopgraph.runtime.generate import open_lm, positions
+    from loopgraph.runtime.generate import open_lm
+    from loopgraph.runtime.inputs import position_ids
     from loopgraph.runtime.session import open_session
     lm = open_lm(open_session(path, device="cpu", threads=threads), folder)
     ids = np.random.default_rng(0).integers(100, 10000, (batch, length))
     mask = np.ones_like(ids)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), **lm.initial_past(batch)}
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), **lm.initial_past(batch)}
     out = lm.session.run(feeds, [s.present for s in lm.slots])
     ranks: dict[int, int] = {}
     for a in out.values():

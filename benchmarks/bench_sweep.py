@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopgraph.eval.runner import LogitsSession, open_model, select
+from loopgraph.eval.runner import open_model, select
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, score_groups
 from loopgraph.eval.tasks import load_items
 from loopgraph.experiments.grid import make_cells, parse_iters, parse_ranges, parse_regs
@@ -39,6 +39,7 @@ from loopgraph.experiments.sweep import sweep, sweep_task, tokenize
 from loopgraph.onnxio import load_model
 from loopgraph.passes.blocks import find_blocks
 from loopgraph.rewrite import rewrite
+from loopgraph.runtime.logits import LogitsSession
 
 DATA = Path(os.environ.get("LOOPGRAPH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"))
 

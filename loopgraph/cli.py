@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 
 from loopgraph._version import __version__
-from loopgraph.cliargs import Parser, add_output_args, finite_float, int_arg, seed_arg
+from loopgraph.cliargs import Parser, add_force_arg, add_form_args, add_spec_args, finite_float, int_arg, spec_from_args
 from loopgraph.errors import WRITE_ERRNOS, LoopgraphError
-from loopgraph.spec import KV_MODES, REGULARIZERS, LoopSpec, parse_range
 
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
 COMMAND_MODULES: tuple[str, ...] = (
@@ -28,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.deploy.cli",
     "loopgraph.eval.cli",
     "loopgraph.experiments.cli",
+    "loopgraph.experiments.tune_cli",
 )
 
 
@@ -36,20 +35,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     export(args.model, args.output, with_past=args.with_past, opset=args.opset, force=args.force,
            say=lambda m: print(m, file=sys.stderr))
     return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from loopgraph.inspect import describe, format_text
-    info = describe(args.model)
-    print(json.dumps(info, indent=2) if args.json else format_text(info))
-    return 0
-
-
-def spec_from_args(args: argparse.Namespace) -> LoopSpec:
-    start, end = parse_range(args.range)
-    return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k,
-                    kv=args.kv or "exact", dynamic=args.dynamic, noise_seed=args.noise_control, trace=args.trace,
-                    unroll=args.unroll)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -76,12 +61,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from loopgraph.verify import DEFAULT_PROMPTS, format_report, verify
     prompts = [tuple(args.prompts)] if args.prompts else DEFAULT_PROMPTS
     report = verify(args.model, args.reference, prompts, atol=args.atol, rtol=args.rtol, device=args.device,
-                    original=args.original, say=lambda m: print(m, file=sys.stderr))
+                    threads=args.threads, original=args.original, say=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loopgraph.runtime.session import add_runtime_args  # its DEVICES check --device; numpy/onnx, no torch
     parser = Parser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
     parser.add_argument("--version", action="version", version=f"loopgraph {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -96,28 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="describe an ONNX model and its decoder blocks",
-                       description="Print opset, inputs/outputs, external data, KV cache, decoder blocks and any loopgraph rewrite. "
-                                   "Never loads external weights.")
-    p.add_argument("model", help="an .onnx file or an export folder")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_inspect)
-
     p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",
                        description="Re-apply blocks S..E-1 N times inside an ONNX Loop with a regularizer (formulas in docs/rewrite.md).")
     p.add_argument("model", help="the .onnx file of an export")
-    p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive, Python slice rules (e.g. 10:20, -5:, :8)")
-    p.add_argument("--iters", "-n", type=int_arg, default=3, help="N, applications of the range (1..64, default 3)")
-    p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
-    p.add_argument("--alpha", type=finite_float, help="weight of the new state for ema and anchor (0 < alpha <= 1, default 0.5)")
-    p.add_argument("--k", type=finite_float, help="K of damped (step 1/K, K >= 1, default 2)")
-    p.add_argument("--kv", choices=list(KV_MODES), help="KV-cache scheme for with-past exports (default exact; refused for an export without a cache)")
-    p.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
-    p.add_argument("--noise-control", type=seed_arg, metavar="SEED",
-                   help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")
-    p.add_argument("--unroll", action="store_true", help="N straight-line copies of the range (same weights) instead of a Loop")
-    p.add_argument("--trace", action="store_true", help="also output y_t and x_t of every iteration (loopgraph/trace/y, .../x)")
-    add_output_args(p, "output .onnx, or a folder (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    add_spec_args(p)
+    add_form_args(p)
+    p.add_argument("-o", "--output", help="output .onnx, or a folder (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    add_force_arg(p)
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 
@@ -131,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="+", help="prompts to run as one left-padded batch (default: a fixed set)")
     p.add_argument("--atol", type=finite_float, default=1e-5, help="absolute part of the bound (default 1e-5)")
     p.add_argument("--rtol", type=finite_float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto")
+    add_runtime_args(p, session_options=False)
     p.set_defaults(func=cmd_verify)
 
     for module in COMMAND_MODULES:

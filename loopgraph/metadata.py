@@ -12,7 +12,7 @@ Keys loopgraph writes (all under ``loopgraph.``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import onnx
 
@@ -39,10 +39,11 @@ def set_props(model: onnx.ModelProto, updates: dict[str, str]) -> None:
         model.metadata_props.add(key=k, value=v)
 
 
-def read_spec(model: onnx.ModelProto) -> LoopSpec | None:
+def read_spec(model: onnx.ModelProto | Mapping[str, str]) -> LoopSpec | None:
     """The :class:`LoopSpec` recorded by ``loopgraph rewrite``; None when the file has none.
+    ``model`` is the proto or its metadata as a mapping (what ORT's ``custom_metadata_map`` gives).
     A record that cannot be parsed is a user error (:class:`LoopgraphError`) naming the file's key."""
-    raw = props(model).get(SPEC_KEY)
+    raw = (props(model) if isinstance(model, onnx.ModelProto) else model).get(SPEC_KEY)
     if raw is None:
         return None
     try:
@@ -50,6 +51,12 @@ def read_spec(model: onnx.ModelProto) -> LoopSpec | None:
     except (ValueError, TypeError, KeyError) as e:
         raise LoopgraphError(f"the model's {SPEC_KEY} metadata is not a valid rewrite record ({e}); "
                              "rewrite the original export again") from None
+
+
+def num_blocks(model: onnx.ModelProto) -> int | None:
+    """The decoder block count ``loopgraph rewrite`` recorded (``loopgraph.blocks``); None when absent or not a count."""
+    raw = props(model).get(BLOCKS_KEY, "")
+    return int(raw) if raw.isdigit() else None
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from loopgraph.errors import WRITE_ERRNOS, LoopgraphError
+from loopgraph.metadata import all_graphs
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,13 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for sub in _subgraphs_of(attr):
-                yield from _all_tensors(sub)
-
-
-def _subgraphs_of(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
+    """Every tensor stored in the model: initializers and tensor attributes, in subgraphs too."""
+    for g in all_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
@@ -158,7 +151,7 @@ def _nbytes(t: TensorProto) -> int | None:
 def _names(model: onnx.ModelProto) -> Iterator[str | bytes]:
     """Every string a pass or a printer reads: names, op types, domains, attribute names, metadata."""
     yield from (model.producer_name, model.producer_version, model.domain, model.doc_string)
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         yield from (g.name, g.doc_string)
         for v in (*g.input, *g.output, *g.value_info):
             yield from (v.name, v.doc_string)
@@ -174,14 +167,6 @@ def _names(model: onnx.ModelProto) -> Iterator[str | bytes]:
         yield from (p.key, p.value)
     for o in model.opset_import:
         yield o.domain
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in _subgraphs_of(attr):
-                yield from _graphs(sub)
 
 
 def check_names(model: onnx.ModelProto, path: Path) -> None:

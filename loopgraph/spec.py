@@ -40,7 +40,6 @@ from loopgraph.regularizers import ALL, regularizer
 REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 KV_MODES = ("exact", "first", "last")
 MAX_ITERS = 64
-METADATA_KEY = "loopgraph.spec"
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 

@@ -1,5 +1,8 @@
 """``loopgraph verify``: the looped graph in ONNX Runtime against the PyTorch reference
 (:mod:`loopgraph.reference.looped`), plus the N = 1 bit-exactness check against the original.
+
+Orchestration only: the inputs come from :mod:`loopgraph.runtime.inputs`, the numbers from the
+comparator :mod:`loopgraph.runtime.compare`, the reference model from :mod:`loopgraph.reference.hf`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import numpy as np
 import onnx
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.metadata import BLOCKS_KEY, props
+from loopgraph.exportdir import MANIFEST, reference_dir
+from loopgraph.metadata import BLOCKS_KEY, SPEC_KEY, props, read_spec
 from loopgraph.onnxio import load_model, resolve_model_path, temp_name
 from loopgraph.provenance import original_of
-from loopgraph.spec import METADATA_KEY, LoopSpec
+from loopgraph.runtime.compare import OutputComparison, compare
+from loopgraph.runtime.inputs import feeds_for, left_pad
+from loopgraph.runtime.tokenizer import TOKENIZER_FILE, TextTokenizer
+from loopgraph.spec import LoopSpec
 
 DEFAULT_PROMPTS: tuple[tuple[str, ...], ...] = (
     ("The capital of France is",),
@@ -28,23 +35,22 @@ DEFAULT_PROMPTS: tuple[tuple[str, ...], ...] = (
 
 
 @dataclasses.dataclass
-class Comparison:
+class PromptCheck:
+    """One batch of prompts: the looped graph's logits against the reference's, at real (unpadded) positions."""
     label: str
-    max_abs: float
-    max_rel: float  # max_abs / max |reference logits|
+    logits: OutputComparison
     argmax_agree: float  # fraction of valid positions with the same argmax
-    bound: float
 
     @property
     def ok(self) -> bool:
-        return self.max_abs <= self.bound
+        return self.logits.ok
 
 
 @dataclasses.dataclass
 class VerifyReport:
     spec: LoopSpec
     provider: str
-    comparisons: list[Comparison]
+    comparisons: list[PromptCheck]
     n1_max_abs: float | None  # N = 1 rewrite vs original (must be 0.0)
 
     @property
@@ -52,11 +58,11 @@ class VerifyReport:
         return all(c.ok for c in self.comparisons) and self.n1_max_abs in (None, 0.0)
 
 
-def read_spec(model: onnx.ModelProto, path: Path) -> LoopSpec:
-    from loopgraph.metadata import read_spec as read_record
-    spec = read_record(model)
+def recorded_spec(model: onnx.ModelProto, path: Path) -> LoopSpec:
+    """The rewrite's spec; refuses a file that is no loopgraph output."""
+    spec = read_spec(model)
     if spec is None:
-        raise LoopgraphError(f"{path} is not a loopgraph output (no {METADATA_KEY} metadata); run loopgraph rewrite first")
+        raise LoopgraphError(f"{path} is not a loopgraph output (no {SPEC_KEY} metadata); run loopgraph rewrite first")
     return spec
 
 
@@ -96,109 +102,97 @@ def check_reference(hf, model: onnx.ModelProto, path: Path, ref: str | os.PathLi
 def encode(folder: Path, texts: Sequence[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded token ids and mask. Uses the export's tokenizer.json (the ``tokenizers``
     library, no transformers); without one, a deterministic id sequence per text."""
-    tok_file = folder / "tokenizer.json"
-    if tok_file.is_file():
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tok_file))
-        seqs = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    if (folder / TOKENIZER_FILE).is_file():
+        tok = TextTokenizer.from_folder(folder)
+        seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
     else:
         seqs = [list(np.random.default_rng(len(t)).integers(0, vocab_size, max(2, len(t) // 3))) for t in texts]
-    width = max(map(len, seqs))
-    ids = np.zeros((len(seqs), width), np.int64)
-    mask = np.zeros((len(seqs), width), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
-    return ids, mask
+    return left_pad(seqs)
 
 
-def feeds_for(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
-
-
-def compare(label: str, got: np.ndarray, ref: np.ndarray, mask: np.ndarray, atol: float, rtol: float) -> Comparison:
+def check_prompts(label: str, got: np.ndarray, ref: np.ndarray, mask: np.ndarray, atol: float, rtol: float,
+                  provider: str) -> PromptCheck:
+    """``got`` against ``ref`` (logits [batch, seq, vocab]) where ``mask`` is 1."""
     valid = mask.astype(bool)
-    g, r = got[valid], ref[valid]
-    max_abs = float(np.abs(g - r).max())
-    scale = float(np.abs(r).max())
-    agree = float((g.argmax(-1) == r.argmax(-1)).mean())
-    return Comparison(label, max_abs, max_abs / scale if scale else 0.0, agree, atol + rtol * scale)
-
-
-def load_reference(ref: str | os.PathLike):
-    """The HF model to compare against: a checkpoint folder or the built-in name."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from loopgraph.exporters.export import BUILTIN, builtin_gguf
-    torch.set_grad_enabled(False)
-    if str(ref) in BUILTIN:
-        gguf = builtin_gguf(str(ref))
-        return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    p = Path(ref)
-    if not (p / "config.json").is_file():
-        raise LoopgraphError(f"--reference {ref}: not a Hugging Face checkpoint folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, attn_implementation="eager").eval()
+    logits = compare({"logits": got}, {"logits": ref}, atol=atol, rtol=rtol, provider=provider, valid=valid)["logits"]
+    agree = float((got[valid].argmax(-1) == ref[valid].argmax(-1)).mean())
+    return PromptCheck(label, logits, agree)
 
 
 def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None,
            prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS, *, atol: float = 1e-5, rtol: float = 1e-3,
-           device: str = "cpu", check_n1: bool = True, original: str | os.PathLike | None = None,
-           say: Callable[[str], None] = print) -> VerifyReport:
-    """Compare ``looped`` in ORT with the PyTorch reference on ``prompts``, and (``check_n1``)
-    its N = 1 rewrite with the original. Refused: a file that is no loopgraph rewrite or not
-    readable, a reference of another model (:func:`check_reference`), a recorded original that
-    is not confined or not the original (:func:`loopgraph.provenance.original_of`); ``original``
-    overrides the recorded one."""
-    from loopgraph.exporters.export import reference_dir
+           device: str = "cpu", threads: int | None = None, check_n1: bool = True,
+           original: str | os.PathLike | None = None, say: Callable[[str], None] = print) -> VerifyReport:
+    """Run the looped graph and the PyTorch looped reference on ``prompts`` (each group one
+    left-padded batch) and compare their logits; with ``check_n1``, also rewrite the original
+    with N = 1 and check it is bit-exact to the original. Refused: a file that is not readable or
+    has no rewrite record, an unknown reference checkpoint or one of another model
+    (:func:`check_reference`), a recorded original that is not confined or not the original
+    (:func:`loopgraph.provenance.original_of`; ``original`` overrides the recorded one)."""
+    from loopgraph.reference.hf import load_reference
     from loopgraph.reference.looped import reference_logits
-    from loopgraph.rewrite import rewrite
     from loopgraph.runtime.session import open_session
 
     path = resolve_model_path(looped)
     header = load_model(path)  # a truncated or damaged file is a one-line error
-    spec = read_spec(header, path)
+    spec = recorded_spec(header, path)
     source = original_of(path, header, original, missing_ok=True) if check_n1 else None
     ref_dir = reference or reference_dir(path.parent)
     if ref_dir is None:
-        raise LoopgraphError(f"no reference model known for {path} (no loopgraph.json manifest with one); "
+        raise LoopgraphError(f"no reference model known for {path} (no {MANIFEST} manifest with one); "
                              "pass --reference HF_DIR or --reference smollm2-135m")
     say(f"reference: {ref_dir}")
     hf = load_reference(ref_dir)
     check_reference(hf, header, path, ref_dir, spec)
     del header
-    session = open_session(path, device=device)
-    say(f"looped model on {session.providers[0]}: {spec.slug()}")
+    session = open_session(path, device=device, threads=threads)
+    provider = session.providers[0]
+    say(f"looped model on {provider}: {spec.slug()}")
 
     comparisons = []
     batches = [(", ".join(repr(t[:24]) for t in group), *encode(path.parent, group, hf.config.vocab_size)) for group in prompts]
     for label, ids, mask in batches:
         got = session.run(feeds_for(ids, mask), ["logits"])["logits"]
         ref = reference_logits(hf, spec, ids, mask).numpy()
-        comparisons.append(compare(label, got, ref, mask, atol, rtol))
+        comparisons.append(check_prompts(label, got, ref, mask, atol, rtol, provider))
 
     n1 = None
     if check_n1 and source is None:
         say(f"N = 1 check skipped: the original of {path} is not recorded or not there (pass --original PATH)")
     if check_n1 and source is not None:
-        one = dataclasses.replace(spec, iters=1, dynamic=False)
-        tmp = temp_name(path.parent / "verify-n1.onnx", ".onnx")  # named as ours: a kill -9 leftover is cleaned later
-        try:
-            rewrite(source, one, output=tmp)
-            s1, s0 = open_session(tmp, device=device), open_session(source, device=device)
-            n1 = max(float(np.abs(s1.run(feeds_for(i, m), ["logits"])["logits"] - s0.run(feeds_for(i, m), ["logits"])["logits"]).max())
-                     for _, i, m in batches)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    return VerifyReport(spec, session.providers[0], comparisons, n1)
+        n1 = n1_max_abs(source, spec, [(ids, mask) for _, ids, mask in batches], device, threads)
+    return VerifyReport(spec, provider, comparisons, n1)
+
+
+def n1_max_abs(original: Path, spec: LoopSpec, batches: Sequence[tuple[np.ndarray, np.ndarray]], device: str = "cpu",
+               threads: int | None = None) -> float:
+    """The largest |Δlogits| (every position, pads included) between the N = 1 rewrite of
+    ``original`` and ``original`` itself: 0.0 when the rewrite is bit-exact, as it must be."""
+    from loopgraph.rewrite import rewrite
+    from loopgraph.runtime.session import open_session
+
+    one = dataclasses.replace(spec, iters=1, dynamic=False)
+    tmp = temp_name(original.parent / "verify-n1.onnx", ".onnx")  # named as ours: a kill -9 leftover is cleaned later
+    try:
+        rewrite(original, one, output=tmp)
+        s1, s0 = (open_session(m, device=device, threads=threads) for m in (tmp, original))
+        return max(compare(s1.run(feeds_for(ids, mask), ["logits"]), s0.run(feeds_for(ids, mask), ["logits"]),
+                           atol=0.0, rtol=0.0, provider=s1.providers[0])["logits"].max_abs for ids, mask in batches)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def format_report(r: VerifyReport) -> str:
+    """The table of prompt batches (largest and mean |Δ|, relative error, argmax agreement, the
+    bound and where the worst logit is: row, position, token id), the N = 1 line and PASS/FAIL."""
     lines = [f"spec: {json.loads(r.spec.to_json())}", f"provider: {r.provider}",
-             f"{'prompt':<52} {'max|Δ|':>10} {'rel':>10} {'argmax':>7} {'bound':>10}  ok"]
+             f"{'prompt':<52} {'max|Δ|':>10} {'mean|Δ|':>10} {'rel':>10} {'argmax':>7} {'bound':>10}  {'worst at':<18} ok"]
     for c in r.comparisons:
-        lines.append(f"{c.label[:52]:<52} {c.max_abs:>10.3g} {c.max_rel:>10.3g} {c.argmax_agree:>7.1%} {c.bound:>10.3g}  {'yes' if c.ok else 'NO'}")
+        d = c.logits
+        where = "-" if d.worst is None else "(" + ", ".join(map(str, d.worst)) + ")"
+        lines.append(f"{c.label[:52]:<52} {d.max_abs:>10.3g} {d.mean_abs:>10.3g} {d.max_rel:>10.3g} {c.argmax_agree:>7.1%} "
+                     f"{d.bound:>10.3g}  {where:<18} {'yes' if c.ok else 'NO'}")
     if r.n1_max_abs is not None:
         lines.append(f"N = 1 rewrite vs original: max|Δlogits| = {r.n1_max_abs} ({'bit-exact' if r.n1_max_abs == 0.0 else 'NOT bit-exact'})")
     lines.append("PASS" if r.ok else "FAIL")

@@ -48,9 +48,33 @@ def test_help_and_version():
 
 def test_rewrite_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", "import sys; from loopgraph.cli import build_parser; build_parser();"
-                        "import loopgraph.rewrite, loopgraph.inspect; print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                        "import loopgraph.rewrite, loopgraph.deploy.describe, loopgraph.verify, loopgraph.eval.runner, "
+                        "loopgraph.experiments.sweep, loopgraph.experiments.trace, loopgraph.exportdir; "
+                        "print('torch' in sys.modules, 'transformers' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "False False", r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["verify", "x.onnx"], ["eval", "x.onnx", "--tasks", "arc_easy"],
+                                 ["generate", "x.onnx", "-p", "hi"]])
+def test_device_is_a_checked_choice_everywhere(cmd):
+    r = run_cli(*cmd, "--device", "gpu")
+    assert r.returncode == 2 and "argument --device: invalid choice: 'gpu'" in r.stderr and "tensorrt" in r.stderr, r.stderr
+
+
+def test_spec_flags_are_declared_once_for_rewrite_and_trace():
+    from loopgraph.cli import build_parser
+    parser = build_parser()
+    for cmd in ("rewrite", "trace"):
+        sub = parser._subparsers._group_actions[0].choices[cmd]
+        loop = next(g for g in sub._action_groups if g.title == "loop")
+        assert [a.dest for a in loop._group_actions] == ["range", "iters", "reg", "alpha", "k"], cmd
+    args = parser.parse_args(["trace", "m.onnx", "--range", "1:3", "-n", "2", "--reg", "anchor", "--alpha", "0.3", "-p", "x"])
+    from loopgraph.cliargs import spec_from_args
+    from loopgraph.spec import LoopSpec
+    assert spec_from_args(args) == LoopSpec(1, 3, iters=2, reg="anchor", alpha=0.3)
+    args = parser.parse_args(["rewrite", "m.onnx", "--range", "1:3", "--kv", "first", "--dynamic", "--noise-control", "7"])
+    assert spec_from_args(args) == LoopSpec(1, 3, iters=3, kv="first", dynamic=True, noise_seed=7)
 
 
 def test_rewrite_default_name_and_inspect(work):
@@ -110,10 +134,17 @@ def test_rewrite_read_only_folder(work, tmp_path):
         subprocess.run(["chattr", "-i", str(ro)])
 
 
-def test_rewrite_refuses_looped_and_with_past(work, tiny):
+def test_rewrite_refuses_looped_plain_and_with_past(work, tiny, tmp_path):
+    """A file that is already looped is refused, for a plain and for a with-past (KV-cache) export alike."""
     assert run_cli("rewrite", work / "model.onnx", "--range", "0:2", "-o", work / "l.onnx").returncode == 0
     _one_line_error(run_cli("rewrite", work / "l.onnx", "--range", "0:2", "-o", work / "l2.onnx"), "already looped")
     assert not (work / "l2.onnx").exists()
+    past = tiny("llama", with_past=True) / "model.onnx"
+    looped_past = tmp_path / "past.looped.onnx"
+    r = run_cli("rewrite", past, "--range", "1:3", "-o", looped_past)
+    assert r.returncode == 0, r.stderr  # with-past exports are looped (kv=exact), not refused
+    _one_line_error(run_cli("rewrite", looped_past, "--range", "1:3", "-o", tmp_path / "twice.onnx"), "already looped")
+    assert not (tmp_path / "twice.onnx").exists()
 
 
 def _external(work: Path) -> Path:
@@ -135,8 +166,8 @@ def test_external_data_same_folder_and_copy(work, tmp_path):
     _one_line_error(run_cli("rewrite", ext, "--range", "1:3", "-o", other / "x.onnx"), "--copy-weights")
     assert list(other.iterdir()) == []
     assert run_cli("rewrite", ext, "--range", "1:3", "-o", other / "x.onnx", "--copy-weights").returncode == 0
+    from loopgraph.runtime.inputs import feeds_for
     from loopgraph.runtime.session import open_session
-    from loopgraph.verify import feeds_for
     from tests.conftest import batch_feeds
     feeds = feeds_for(*batch_feeds())
     a = open_session(out).run(feeds, ["logits"])["logits"]
@@ -149,7 +180,7 @@ def test_inspect_bad_input(work, tmp_path, case):
     if case == "missing":
         path, needle = tmp_path / "nope.onnx", "no such file"
     elif case == "random":
-        path, needle = tmp_path / "random.onnx", "not"
+        path, needle = tmp_path / "random.onnx", "not a readable ONNX model (DecodeError"
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     elif case == "truncated":
         path, needle = tmp_path / "trunc.onnx", "truncated"
@@ -196,11 +227,11 @@ def test_verify_passes_and_fails(work):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and "bit-exact" in r.stdout
     # a file whose recorded spec disagrees with its graph must fail
+    from loopgraph.metadata import SPEC_KEY, props, set_props
     model = onnx.load(str(work / "l.onnx"))
-    meta = {p.key: p.value for p in model.metadata_props}
-    spec = json.loads(meta["loopgraph.spec"])
+    spec = json.loads(props(model)[SPEC_KEY])
     spec["iters"] = 2
-    onnx.helper.set_model_props(model, {**meta, "loopgraph.spec": json.dumps(spec)})
+    set_props(model, {SPEC_KEY: json.dumps(spec)})
     onnx.save(model, str(work / "bad.onnx"))
     r = run_cli("verify", work / "bad.onnx")
     assert r.returncode == 1 and "FAIL" in r.stdout

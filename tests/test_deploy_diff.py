@@ -9,7 +9,6 @@ import pytest
 
 from loopgraph import LoopSpec, __version__, rewrite
 from loopgraph.deploy.diff import diff_models
-from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import load_model
 from tests.conftest import run_cli
 
@@ -120,13 +119,11 @@ def test_diff_cli(tiny, tmp_path):
 
 def test_kv_cache_rewrite(tiny):
     original = load_model(tiny("llama", with_past=True) / "model.onnx")
-    try:
-        looped = rewrite(original, LoopSpec(1, 3, iters=3, kv="exact")).model
-    except LoopgraphError as e:
-        if "KV-cache" in str(e):
-            pytest.skip(f"this checkout's rewrite does not loop KV-cache exports yet: {e}")
-        raise
-    lines = diff_models(original, looped).format_text().splitlines()
+    looped = rewrite(original, LoopSpec(1, 3, iters=3, kv="exact")).model
+    d = diff_models(original, looped)
+    loop = d.to_dict()["loops"][0]
+    assert (loop["start"], loop["end"], loop["iters"], loop["kv"], loop["source"]) == (1, 3, 3, "exact", "loopgraph.spec"), loop
+    lines = d.format_text().splitlines()
     assert any(x.startswith("  body: ") and x.endswith(", 1 carried value(s), 4 scan output(s); KV cache: exact") for x in lines), lines
     assert "    KV cache: 4 (Gather 4)" in lines  # Gather(past, iteration) for blocks 1 and 2, key and value
     assert ("  ~ past_key_values.1.key: float32 [batch_size, 2, past_sequence_length, 16] -> "

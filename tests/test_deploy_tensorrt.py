@@ -11,7 +11,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from loopgraph import LoopSpec, rewrite
 from loopgraph.deploy.tensorrt import ERROR, WARNING, check_tensorrt, is_ready
-from loopgraph.errors import LoopgraphError
 from loopgraph.onnxio import load_model, save_model
 from tests.conftest import run_cli
 
@@ -158,12 +157,7 @@ def test_check_cli_exit_codes_and_inspect_line(tiny, tmp_path):
 def test_kv_cache_rewrites(tiny, kv):
     """Per-iteration KV caches are Loop scan outputs: fine with a baked N, flagged with --dynamic."""
     original = load_model(tiny("llama", with_past=True) / "model.onnx")
-    try:
-        baked = rewrite(original, LoopSpec(1, 3, iters=3, kv=kv)).model
-    except LoopgraphError as e:
-        if "KV-cache" in str(e):
-            pytest.skip(f"this checkout's rewrite does not loop KV-cache exports yet: {e}")
-        raise
+    baked = rewrite(original, LoopSpec(1, 3, iters=3, kv=kv)).model
     assert is_ready(check_tensorrt(baked)), errors(check_tensorrt(baked))
     dynamic = rewrite(original, LoopSpec(1, 3, iters=3, kv=kv, dynamic=True)).model
     assert any("have a dynamic length because M (loopgraph/iters)" in e for e in errors(check_tensorrt(dynamic)))

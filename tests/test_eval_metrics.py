@@ -65,7 +65,7 @@ def test_mcnemar_exact_large_counts_stay_exact():
     assert mcnemar_exact(5000, 5000) == 1.0
     p = mcnemar_exact(4800, 5200)  # z = 4 -> about 6.3e-5
     assert 5e-5 < p < 8e-5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="discordant counts must be >= 0"):
         mcnemar_exact(-1, 2)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from loopgraph.eval.runner import OnnxScorer, open_model, select
 from loopgraph.eval.tasks import TASKS, load_items
-from loopgraph.exporters.export import reference_dir
+from loopgraph.exportdir import reference_dir
 from tests.conftest import DATA_DIR
 
 pytestmark = [pytest.mark.real,
@@ -18,7 +18,7 @@ AGREE = 0.995
 
 @pytest.fixture(scope="module")
 def scorers(real_export):
-    from loopgraph.eval.hf_scorer import HFScorer
+    from loopgraph.reference.hf_scorer import HFScorer
     onnx_scorer = OnnxScorer(open_model(real_export / "model.onnx"), threads=2)
     hf = HFScorer(reference_dir(real_export), threads=1, batch_items=4)  # 1 torch thread: 2 oversubscribe a busy 2-core box
     return onnx_scorer, hf

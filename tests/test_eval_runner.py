@@ -2,16 +2,18 @@
 and agreement with the independent PyTorch scorer."""
 
 import json
+import math
 import shutil
 
 import pytest
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.report import comparisons, format_text, to_json, write_items
-from loopgraph.eval.runner import SAMPLES_DIR, LogitsSession, OnnxScorer, evaluate, open_model, select
+from loopgraph.eval.runner import SAMPLES_DIR, OnnxScorer, evaluate, open_model, select
 from loopgraph.eval.tasks import TASKS, load_items
-from loopgraph.exporters.export import reference_dir
+from loopgraph.exportdir import reference_dir
 from loopgraph.rewrite import rewrite
+from loopgraph.runtime.logits import LogitsSession
 from loopgraph.spec import LoopSpec
 from tests.conftest import run_cli
 
@@ -40,7 +42,10 @@ def test_end_to_end_then_everything_from_the_cache(models, tmp_path):
     for task in TASK_LIST:
         for r in first.results[task.name].values():
             assert len(r.per_item) == 5 and r.from_cache == 0 and r.tokens > 0
-            assert 0.0 <= r.metrics["acc"] <= 1.0 and r.metrics["acc_stderr"] > 0 or r.metrics["acc"] in (0.0, 1.0)
+            acc, se = r.metrics["acc"], r.metrics["acc_stderr"]
+            assert acc == sum(it["acc"] for it in r.per_item) / 5  # the mean of the per-item 0/1 scores
+            # the binomial stderr with the n - 1 sample std: sqrt(acc (1 - acc) / (n - 1)), zero only when all items agree
+            assert se == pytest.approx(math.sqrt(acc * (1 - acc) / 4), rel=1e-12, abs=1e-15), (task.name, acc, se)
     again = run(models, tmp_path)
     for task in TASK_LIST:
         for label, r in again.results[task.name].items():
@@ -142,7 +147,7 @@ def test_kv_cache_exports_are_refused(tiny):
 def test_onnx_and_pytorch_scorers_agree_on_the_tiny_model(models, tiny):
     """Every task type, including left truncation (BoolQ passages exceed the fixture's 256 positions)
     and rolling windows (WikiText)."""
-    from loopgraph.eval.hf_scorer import HFScorer
+    from loopgraph.reference.hf_scorer import HFScorer
     onnx_scorer = OnnxScorer(open_model(models[0]), threads=1, max_batch_tokens=512)
     hf = HFScorer(reference_dir(tiny("llama")), threads=1, batch_items=2)
     assert hf.max_length == onnx_scorer.model.max_length == 256 and hf.prefix_id == onnx_scorer.tokenizer.prefix_id

@@ -13,7 +13,8 @@ import torch
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.reference.looped import reference_generate, reference_logits
-from loopgraph.runtime.generate import CausalLM, Generation, Sampling, choose, generate, left_pad, open_lm
+from loopgraph.runtime.generate import CausalLM, Generation, Sampling, choose, generate, open_lm
+from loopgraph.runtime.inputs import left_pad
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import REGULARIZERS, LoopSpec
 
@@ -103,8 +104,15 @@ def test_stops_at_eos_per_row(tiny):
 def test_generation_stops_when_every_row_is_done(tiny):
     lm = lm_for(tiny("gpt2", with_past=True) / "model.onnx", tiny("gpt2", with_past=True))
     first = greedy(lm, [PROMPTS[0]], n=1).tokens[0][0]
-    got = generate(lm, [PROMPTS[0]], 50, eos_ids=(first,), pad_id=0)
-    assert got.tokens == [[first]] and got.finish == ["eos"] and got.decode_seconds < got.prefill_seconds + 1.0
+    runs = []
+    run_bound = lm.session.run_bound
+    lm.session.run_bound = lambda *a, **k: runs.append(1) or run_bound(*a, **k)  # count the model runs
+    try:
+        got = generate(lm, [PROMPTS[0]], 50, eos_ids=(first,), pad_id=0)
+    finally:
+        del lm.session.run_bound
+    assert got.tokens == [[first]] and got.finish == ["eos"]
+    assert len(runs) == 1, f"{len(runs)} model runs: generation went on after the only row reached EOS at the prefill"
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny):

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from loopgraph.reference.hf import load_reference
 from loopgraph.reference.looped import reference_logits
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.generate import CausalLM, Generation, generate, left_pad, open_lm
+from loopgraph.runtime.generate import CausalLM, Generation, generate, open_lm
+from loopgraph.runtime.inputs import left_pad
 from loopgraph.runtime.session import open_session
 from loopgraph.runtime.tokenizer import TextTokenizer
 from loopgraph.spec import LoopSpec
-from loopgraph.verify import load_reference
 from tests import fixtures
 from tests.conftest import ROOT, run_cli
 

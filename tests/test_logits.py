@@ -8,10 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.eval.runner import LogitsSession
 from loopgraph.onnxio import load_model
 from loopgraph.passes.logits import POSITIONS_NAME, find_lm_head, gather_logits
 from loopgraph.rewrite import rewrite
+from loopgraph.runtime.logits import LogitsSession
 from loopgraph.spec import LoopSpec
 from tests.conftest import batch_feeds
 

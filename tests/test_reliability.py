@@ -398,7 +398,7 @@ def test_failed_write_is_one_line_and_leaves_nothing(work, monkeypatch, code):
 
 def test_failed_write_from_a_library_is_one_line(work, monkeypatch):
     """An OSError of a write outside onnxio (e.g. a JSON report) becomes one line at the CLI."""
-    import loopgraph.inspect as inspect_mod
+    import loopgraph.deploy.describe as inspect_mod
 
     def fail(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/some/where.json")

@@ -83,7 +83,7 @@ def test_run_bound_equals_run_bit_for_bit(tiny):
     np.testing.assert_array_equal(again, plain)
 
 
-def test_runtime_args_group():
+def test_runtime_args_group(capsys):
     parser = argparse.ArgumentParser()
     add_runtime_args(parser)
     args = parser.parse_args(["--device", "cpu", "--threads", "1", "--opt-level", "extended", "--strict-device"])
@@ -92,6 +92,10 @@ def test_runtime_args_group():
     assert (defaults.device, defaults.threads, defaults.opt_level, defaults.strict_device) == ("cpu", None, "all", False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    light = argparse.ArgumentParser()
+    add_runtime_args(light, session_options=False)  # verify and eval: device and threads only
+    assert vars(light.parse_args(["--device", "auto", "--threads", "2"])) == {"device": "auto", "threads": 2}
 
 
 def test_session_from_args(tiny):
@@ -105,7 +109,7 @@ def test_runtime_imports_neither_torch_nor_transformers(tiny):
     folder = tiny("llama", with_past=True)
     code = (
         "import sys\n"
-        "from loopgraph.runtime import cli, generate, session, tokenizer\n"
+        "from loopgraph.runtime import cli, compare, generate, inputs, logits, session, tokenizer\n"
         f"tok = tokenizer.TextTokenizer.from_folder({str(folder)!r})\n"
         f"lm = generate.open_lm(session.open_session({str(folder)!r}), {str(folder)!r})\n"
         "g = generate.generate(lm, [tok.encode('The capital')], 4, tok.eos_ids, tok.pad_id)\n"

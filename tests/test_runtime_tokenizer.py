@@ -66,3 +66,24 @@ def test_stream_holds_back_incomplete_characters(tok):
     assert "".join(pieces) + stream.flush() == text
     assert all("\ufffd" not in p for p in pieces)
     assert "" in pieces  # some byte-level tokens are parts of a character and were held back
+
+
+def test_prefix_token_follows_lm_eval(tiny, tmp_path):
+    """The empty-context prefix of the evaluation: bos_token (tokenizer_config.json over special_tokens_map.json),
+    else eos_token, else config.json's ids; none at all is a clear error when it is needed."""
+    assert TextTokenizer.from_folder(tiny("llama")).prefix_token_id() == 1  # <s>
+    shutil.copy(tiny("llama") / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<pad>"}, "eos_token": "</s>"}))
+    assert TextTokenizer.from_folder(tmp_path).prefix_token_id() == 0
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))  # wins over the map
+    assert TextTokenizer.from_folder(tmp_path).prefix_token_id() == 1
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "no-such-token", "eos_token": "</s>"}))
+    assert TextTokenizer.from_folder(tmp_path).prefix_token_id() == 2  # an unknown BOS text: the EOS
+    (tmp_path / "special_tokens_map.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert TextTokenizer.from_folder(tmp_path).prefix_token_id() == 7
+    (tmp_path / "config.json").unlink()
+    tok = TextTokenizer.from_folder(tmp_path)  # loading still works: generation needs no prefix token
+    with pytest.raises(LoopgraphError, match="no BOS or EOS token in tokenizer_config.json or config.json, so there is no prefix token"):
+        tok.prefix_token_id()

@@ -79,8 +79,10 @@ def test_ranges_grammar():
 
 def test_iters_regs_and_units():
     assert parse_iters("3,1,2") == [1, 2, 3]
-    for bad in ("0", "2,2", "a", "", "65"):
-        with pytest.raises(LoopgraphError):
+    for bad, match in (("0", r"--iters 0 is out of range; use 1\.\.64"), ("2,2", "lists a value twice"),
+                       ("a", "not a comma-separated list of integers"), ("", "--iters is empty"),
+                       ("65", r"--iters 65 is out of range; use 1\.\.64")):
+        with pytest.raises(LoopgraphError, match=match):
             parse_iters(bad)
     regs = parse_regs("uniform,anchor:0.3,anchor,damped:4")
     assert regs == [Reg("uniform"), Reg("anchor", 0.3), Reg("anchor", 0.5), Reg("damped", 4.0)]
@@ -246,3 +248,23 @@ def test_cli_sweep_dry_run_and_errors(model, tmp_path):
 def test_cells_are_sortable_values():
     a, b = Cell(0, 2, 2, Reg("uniform")), Cell(0, 2, 2, Reg("uniform"))
     assert a == b and hash(a) == hash(b) and sorted([Cell(1, 2, 1, Reg("naive")), a])[0] == a
+
+
+def test_one_worker_reads_the_model_file_once(model, tmp_path, monkeypatch):
+    """The driver and the in-process jobs share one load of the model (graph, metadata and weights):
+    no second onnx.load for the block count, the baseline session or the rewrites."""
+    import onnx
+
+    from loopgraph.experiments import sweep as sweep_mod
+    sweep_mod._original.cache_clear()
+    loads = []
+    real_load = onnx.load_model
+
+    def counting_load(f, *args, **kwargs):
+        loads.append(str(f))
+        return real_load(f, *args, **kwargs)
+    monkeypatch.setattr(onnx, "load_model", counting_load)
+    monkeypatch.setattr(onnx, "load", counting_load)
+    result = run(model, tmp_path / "cache", ranges="1:3", iters="2", regs="uniform", limit=4)
+    assert result.rewrites == 1 and result.cells_computed == 1 and len(result.rows) == 1
+    assert [Path(f).resolve() for f in loads] == [model.resolve()], loads

@@ -1,4 +1,4 @@
-"""The ``check``, ``diff`` and ``view`` subcommands (registered through ``loopgraph.cli.COMMAND_MODULES``).
+"""The inspection tools ``inspect``, ``check``, ``diff`` and ``view`` (registered through ``loopgraph.cli.COMMAND_MODULES``).
 
 Imports here are light (argparse only); each command imports its module when it runs.
 """
@@ -12,6 +12,13 @@ import sys
 import time
 
 TARGETS = ("tensorrt",)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loopgraph.deploy.describe import describe, format_text
+    info = describe(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -75,6 +82,13 @@ def _stop(signum: int, frame) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="describe an ONNX model and its decoder blocks",
+                       description="Print opset, inputs/outputs, external data, KV cache, decoder blocks and any loopgraph rewrite. "
+                                   "Never loads external weights.")
+    p.add_argument("model", help="an .onnx file or an export folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("check", help="check that a graph meets a deployment target's constraints",
                        description="Report whether a (looped) ONNX graph meets TensorRT's ONNX Loop constraints: a counted loop "
                                    "with M, no data-dependent condition, carried tensors of one shape, static scan-output length, "

@@ -24,7 +24,6 @@ import onnx
 
 from loopgraph.deploy.graphs import (
     LoopInfo,
-    all_graphs,
     dtype_name,
     format_shape,
     loops,
@@ -33,6 +32,7 @@ from loopgraph.deploy.graphs import (
     tensor_bytes,
 )
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import SPEC_KEY, all_graphs, num_blocks, props
 from loopgraph.naming import NAME_PREFIX
 from loopgraph.onnxio import load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
@@ -181,14 +181,13 @@ def _describe_loop(loop: LoopInfo, a: onnx.ModelProto, b: onnx.ModelProto, moved
         "carried": len(loop.carried), "scan_outputs": len(loop.scan_outputs),
     }
     if spec is not None:
-        info.update(source="loopgraph.spec", start=spec.start, end=spec.end, reg=spec.reg, weight=spec.weight,
+        info.update(source=SPEC_KEY, start=spec.start, end=spec.end, reg=spec.reg, weight=spec.weight,
                     spec_iters=spec.iters, spec=dataclasses.asdict(spec))
     elif named:
         info.update(source="node names", start=named[0], end=named[1], reg=None, weight=None, spec_iters=None, spec=None)
     else:
         info.update(source=None, start=None, end=None, reg=None, weight=None, spec_iters=None, spec=None)
-    meta = {p.key: p.value for p in b.metadata_props}
-    info["num_blocks"] = int(meta["loopgraph.blocks"]) if meta.get("loopgraph.blocks", "").isdigit() else None
+    info["num_blocks"] = num_blocks(b)
     info["kv"] = (spec.kv if spec is not None else "unknown") if has_kv_cache(b) else None
     return info
 
@@ -299,8 +298,7 @@ def _weights(a: onnx.ModelProto, b: onnx.ModelProto) -> dict[str, Any]:
 # --- metadata and model fields -----------------------------------------------------------------------
 
 def _diff_metadata(a: onnx.ModelProto, b: onnx.ModelProto) -> dict[str, dict]:
-    ma = {p.key: p.value for p in a.metadata_props}
-    mb = {p.key: p.value for p in b.metadata_props}
+    ma, mb = props(a), props(b)
     return {"added": {k: mb[k] for k in sorted(mb) if k not in ma},
             "removed": {k: ma[k] for k in sorted(ma) if k not in mb},
             "changed": {k: [ma[k], mb[k]] for k in sorted(mb) if k in ma and ma[k] != mb[k]}}
@@ -335,7 +333,7 @@ def _loop_line(lp: dict[str, Any]) -> str:
         runs += f"{' by default' if n is not None else ''} (N is the graph input {lp['iters_input']})"
     reg = f"regularizer {lp['reg']}" + (f" (weight {lp['weight']:g})" if lp["weight"] is not None else "") if lp["reg"] else "regularizer unknown"
     line = f"  {what}, {runs}, {reg}"
-    if lp["source"] == "loopgraph.spec":
+    if lp["source"] == SPEC_KEY:
         agree = lp["blocks_by_names"] == [lp["start"], lp["end"]]
         names = "node names agree" if agree else f"node names say {lp['blocks_by_names']}" if lp["blocks_by_names"] else "node names carry no block index"
         line += f" [from loopgraph.spec; {names}]"

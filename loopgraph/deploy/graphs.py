@@ -7,14 +7,14 @@ would copy the weights), constants only when they cannot be overridden at run ti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.spec import METADATA_KEY, LoopSpec
+from loopgraph.metadata import read_spec, subgraphs
+from loopgraph.spec import LoopSpec
 
 #: bits per element of each ONNX data type (strings are counted from their data)
 _BITS = {
@@ -59,22 +59,6 @@ def format_shape(shape: list[Dim] | None) -> str:
     return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph inside it, depth first."""
-    yield graph
-    for node in graph.node:
-        for sub in subgraphs(node):
-            yield from all_graphs(sub)
-
-
 def value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
     """Declared types of one graph: value_info, then inputs and outputs (which win)."""
     infos = {v.name: v for v in graph.value_info}
@@ -84,13 +68,11 @@ def value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def spec_of(model: onnx.ModelProto) -> LoopSpec | None:
-    """The :class:`LoopSpec` recorded by ``loopgraph rewrite``, or None (absent or unreadable)."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in meta:
-        return None
+    """The :class:`LoopSpec` recorded by ``loopgraph rewrite``, or None (absent or unreadable:
+    the inspection tools report what the graph shows instead of refusing the file)."""
     try:
-        return LoopSpec.from_json(meta[METADATA_KEY])
-    except (ValueError, TypeError, LoopgraphError):
+        return read_spec(model)
+    except LoopgraphError:
         return None
 
 

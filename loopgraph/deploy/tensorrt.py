@@ -30,8 +30,9 @@ from collections.abc import Iterable
 
 import onnx
 
-from loopgraph.deploy.graphs import LoopInfo, all_graphs, constant_value, dtype_name, format_shape, loops, shape_of, value_infos
+from loopgraph.deploy.graphs import LoopInfo, constant_value, dtype_name, format_shape, loops, shape_of, value_infos
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import all_graphs
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import onnx
 
-from loopgraph.deploy.graphs import all_graphs, loops, spec_of
+from loopgraph.deploy.graphs import loops, spec_of
 from loopgraph.errors import LoopgraphError
+from loopgraph.metadata import all_graphs, num_blocks
 from loopgraph.naming import NAME_PREFIX
 from loopgraph.onnxio import atomic_path, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
@@ -154,13 +155,13 @@ def structure_of(model: onnx.ModelProto, label: str) -> Structure:
         raise LoopgraphError(f"{label} has a Loop but no readable loopgraph.spec metadata, so its block range is unknown; "
                              "--png draws loopgraph exports and rewrites (use Netron for other graphs)")
     lp = ours[0]
-    meta = {p.key: p.value for p in model.metadata_props}
-    num_blocks = int(meta["loopgraph.blocks"]) if meta.get("loopgraph.blocks", "").isdigit() else spec.end
+    recorded = num_blocks(model)
+    blocks = recorded if recorded is not None else spec.end
     kv = spec.kv if has_kv_cache(model) else None
     param = f"α = {spec.alpha:g}" if spec.alpha is not None else f"K = {spec.k:g}" if spec.k is not None else None
     part = LoopPart(spec.start, spec.end, spec.iters, None if lp.trip_value is not None else lp.trip_count, spec.reg,
                     param, sum(len(g.node) for g in all_graphs(lp.body)), kv, spec.noise_seed is not None, spec.trace)
-    return Structure(label, num_blocks, "looped by loopgraph", None, part)
+    return Structure(label, blocks, "looped by loopgraph", None, part)
 
 
 def block_graph(structures: Sequence[Structure]):

@@ -2,7 +2,8 @@
 
 Modules: :mod:`tasks` (rendering records into requests), :mod:`encoding` (lm-eval's tokenisation
 rules), :mod:`scoring` (batched log-likelihoods), :mod:`metrics`, :mod:`stats` (McNemar, paired
-bootstrap), :mod:`cache` (resumable per-item scores), :mod:`runner` (ONNX Runtime path),
-:mod:`hf_scorer` (independent PyTorch path), :mod:`report` and :mod:`cli` (``loopgraph eval``).
+bootstrap), :mod:`cache` (resumable per-item scores), :mod:`runner` (ONNX Runtime path; its independent
+PyTorch counterpart is :mod:`loopgraph.reference.hf_scorer`),
+:mod:`report` and :mod:`cli` (``loopgraph eval``).
 Nothing is imported here, so ``loopgraph --help`` stays instant.
 """

@@ -43,6 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from loopgraph.runtime.session import add_runtime_args  # its DEVICES check --device (numpy/onnx, no torch)
     p = sub.add_parser(
         "eval", help="zero-shot benchmarks (lm-eval conventions), baseline vs looped with paired statistics",
         description="Score ONNX models on zero-shot benchmarks exactly as lm-evaluation-harness does and compare them on "
@@ -64,10 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "(default: the one each records, if confined and its digest matches)")
     p.add_argument("--cache-dir", help=f"where per-item scores are kept so interrupted runs resume (default {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, tensorrt or auto (default cpu)")
-    p.add_argument("--threads", type=int_arg, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--max-batch-tokens", type=int_arg, default=DEFAULT_BATCH_TOKENS,
                    help=f"cap on rows x widest row per forward pass; bounds the logits held in memory (default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--max-length", type=int_arg, help="context window in tokens (default: the model config's, as lm-eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(p, session_options=False)
     p.set_defaults(func=cmd_eval)

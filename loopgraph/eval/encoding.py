@@ -15,13 +15,10 @@ the tokenizer adds it by default (SmolLM2's does not).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.runtime.tokenizer import load_tokenizer_json, read_json, token_text
 
 Encode = Callable[[str], list[int]]
 TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -82,33 +79,3 @@ def config_max_length(config: dict[str, Any], tokenizer_config: dict[str, Any] |
     if isinstance(mml, int) and mml != _HUGE:
         return mml, "tokenizer_config.json model_max_length"
     return DEFAULT_MAX_LENGTH, "lm-eval's default"
-
-
-@dataclasses.dataclass
-class FolderTokenizer:
-    """The export folder's ``tokenizer.json`` read with the ``tokenizers`` library (no transformers).
-
-    ``prefix_id``: the ``bos_token`` of ``tokenizer_config.json`` (or ``special_tokens_map.json``),
-    else its ``eos_token``, else ``config.json``'s ``bos_token_id``/``eos_token_id``."""
-    tokenizer: Any  # tokenizers.Tokenizer
-    prefix_id: int
-    path: Path
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> FolderTokenizer:
-        path = folder / "tokenizer.json"
-        tok = load_tokenizer_json(folder, "the benchmark text")
-        special = {**read_json(folder / "special_tokens_map.json"), **read_json(folder / "tokenizer_config.json")}
-        config = read_json(folder / "config.json")
-        for key in ("bos_token", "eos_token"):
-            text = token_text(special.get(key))
-            if text is not None and tok.token_to_id(text) is not None:
-                return cls(tok, tok.token_to_id(text), path)
-        for key in ("bos_token_id", "eos_token_id"):
-            if isinstance(config.get(key), int):
-                return cls(tok, config[key], path)
-        raise LoopgraphError(f"{folder}: no BOS or EOS token in tokenizer_config.json or config.json, so there is no prefix token "
-                             "for empty contexts; add bos_token to tokenizer_config.json")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids

@@ -8,14 +8,13 @@ minus noise), which is the test of "better than a random perturbation of the sam
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from loopgraph._version import package_versions
 from loopgraph.eval.metrics import BINARY
 from loopgraph.eval.runner import EvalReport, Model
 from loopgraph.eval.stats import Paired, compare_paired
@@ -32,14 +31,6 @@ class Comparison:
     other: str
     metric: str
     paired: Paired
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in _PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[pkg] = importlib.metadata.version(pkg)
-    return out
 
 
 def pairs(models: list[Model]) -> list[tuple[str, str]]:
@@ -117,7 +108,7 @@ def to_json(report: EvalReport, comps: list[Comparison]) -> dict[str, Any]:
     return {
         "config": {**report.config, "tasks": [t.name for t in report.tasks], "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
                    "baseline": report.models[0].label},
-        "versions": versions(),
+        "versions": package_versions(_PACKAGES),
         "models": [{"label": m.label, "path": str(m.path), "sha256": m.sha256,
                     "spec": None if m.spec is None else json.loads(m.spec.to_json()),
                     "source": None if m.source is None else str(m.source), "noise_of": m.noise_of,

@@ -14,8 +14,6 @@ below 1, tasks whose data is missing or malformed (see :mod:`loopgraph.eval.task
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import sys
 import time
@@ -27,18 +25,20 @@ import onnx
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, file_sha256, item_key, model_key
-from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, config_max_length, encode_pair, rolling_windows
+from loopgraph.eval.encoding import TokenRequest, config_max_length, encode_pair, rolling_windows
 from loopgraph.eval.metrics import aggregate, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.tasks import ROLLING, Item, Task, load_items
-from loopgraph.metadata import SOURCE_KEY, props, read_spec
-from loopgraph.onnxio import attach_weights, detach_weights, external_locations, load_model, resolve_model_path
-from loopgraph.passes.logits import POSITIONS_NAME, gather_logits
+from loopgraph.exportdir import read_config, read_json
+from loopgraph.metadata import SOURCE_KEY, SPEC_KEY, props, read_spec
+from loopgraph.naming import PAST_PREFIX
+from loopgraph.onnxio import external_locations, load_model, resolve_model_path
 from loopgraph.provenance import original_of
 from loopgraph.rewrite import rewrite
-from loopgraph.spec import METADATA_KEY, LoopSpec
+from loopgraph.runtime.logits import LogitsSession
+from loopgraph.runtime.tokenizer import TextTokenizer
+from loopgraph.spec import LoopSpec
 
-log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
 DATA_ENV = "LOOPGRAPH_DATA"
 
@@ -71,40 +71,33 @@ def _check_causal_lm(model: onnx.ModelProto, path: Path) -> None:
                              f"(evaluation feeds {', '.join(FEEDS)} and reads logits); export the model with loopgraph export")
 
 
-def open_model(path: str | Path, max_length: int | None = None, *, noise_control: bool = False,
-               original: str | os.PathLike | None = None) -> Model:
+def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.ModelProto | None = None,
+               noise_control: bool = False, original: str | os.PathLike | None = None) -> Model:
     """Read a model's metadata and hashes (weights are not loaded). Its label is the recorded
     spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem.
+    ``header``: the model the caller already loaded from ``path``, so it is not read again.
     With ``noise_control`` the original of a rewrite is located and checked
     (:func:`loopgraph.provenance.original_of`; ``original`` overrides the recorded path)."""
     p = resolve_model_path(path)
-    header = load_model(p)  # checks external data; never reads it
+    if header is None:
+        header = load_model(p)  # checks external data; never reads it
     external = external_locations(header)
-    if any(i.name.startswith("past_key_values") for i in header.graph.input):
+    if any(i.name.startswith(PAST_PREFIX) for i in header.graph.input):
         raise LoopgraphError(f"{p} takes KV-cache inputs (a --with-past export); evaluation feeds whole sequences: "
                              "evaluate an export made without --with-past (and its rewrites)")
     _check_causal_lm(header, p)
     spec = read_spec(header)
-    recorded = props(header).get(SOURCE_KEY)
-    source = (p.parent / recorded).resolve() if recorded else None  # for the report; never opened unchecked
+    source = props(header).get(SOURCE_KEY)
+    source_path = (p.parent / source).resolve() if source is not None else None  # for the report; never opened unchecked
     checked = original_of(p, header, original, missing_ok=True) if noise_control and spec is not None else None
-    del header
-    cfg = _json(p.parent / "config.json")
     if max_length is None:
-        max_length, origin = config_max_length(cfg, _json(p.parent / "tokenizer_config.json"))
+        max_length, origin = config_max_length(read_config(p.parent), read_json(p.parent / "tokenizer_config.json"))
     else:
         origin = "--max-length"
     if max_length < 1:
         raise LoopgraphError(f"--max-length {max_length} must be at least 1")
-    return Model(p, spec.slug() if spec else p.stem, spec, source, file_sha256(p).hexdigest(),
+    return Model(p, spec.slug() if spec else p.stem, spec, source_path, file_sha256(p).hexdigest(),
                  model_key(p, external, max_length), max_length, origin, original=checked)
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
 
 
 def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -> Path:
@@ -113,17 +106,15 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
     same per-token norm as looping's shift ``x_N - r``. Written beside the looped model
     (``<stem>.noise<seed>.onnx``) and reused when it is already there with the same spec."""
     if model.spec is None:
-        raise LoopgraphError(f"--noise-control: {model.path} is not a loopgraph rewrite (no {METADATA_KEY}); "
+        raise LoopgraphError(f"--noise-control: {model.path} is not a loopgraph rewrite (no {SPEC_KEY}); "
                              "give looped models, or drop --noise-control")
     if model.original is None:
         raise LoopgraphError(f"--noise-control: the original of {model.path} is not recorded or missing; "
                              "it is needed to build the noise variant: keep the export folder together or pass --original PATH")
     spec = dataclasses.replace(model.spec, noise_seed=seed)
     out = model.path.with_name(f"{model.path.stem}.noise{seed}.onnx")
-    if out.is_file():
-        meta = {m.key: m.value for m in load_model(out).metadata_props}
-        if METADATA_KEY in meta and LoopSpec.from_json(meta[METADATA_KEY]) == spec:
-            return out
+    if out.is_file() and read_spec(load_model(out)) == spec:
+        return out
     say(f"building the noise control of {model.label}: {out}")
     rewrite(model.original, spec, out, force=True)  # our own derived file: replaced when its spec differs
     return out
@@ -146,55 +137,20 @@ def select(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     return [items[i] for i in sorted(picked)]
 
 
-class LogitsSession:
-    """An ORT session of a causal LM that computes logits only at the positions asked for.
-
-    The model is opened with :func:`loopgraph.passes.logits.gather_logits` applied in memory (the
-    file is not changed; weights external data stay where they are). A graph the pass refuses is
-    opened as it is, with a warning, and the positions are picked from its full logits."""
-
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                 gather: bool = True) -> None:
-        from loopgraph.runtime.session import open_session
-        path = None if isinstance(model, onnx.ModelProto) else resolve_model_path(model)
-        self.gathered, source, base = False, model if path is None else path, None
-        if gather:
-            proto = load_model(path) if path is not None else model  # external weights are never read here
-            external = path is not None and bool(external_locations(proto))
-            stash = detach_weights(proto)  # the pass copies the graph, not the weights
-            try:
-                source = gather_logits(proto).model
-                self.gathered = True
-                attach_weights(source, stash)
-                base = path.parent if external else None
-            except LoopgraphError as e:
-                log.warning("scoring with full logits: %s", e)
-            attach_weights(proto, stash)
-            del proto
-        self.session = open_session(source, device=device, threads=threads, base_dir=base)
-
-    def logits_at(self, ids: np.ndarray, mask: np.ndarray, at: np.ndarray, feeds: dict | None = None) -> np.ndarray:
-        """Logits ``[len(at), vocab]`` at the flat positions ``at`` (``row * seq + position``)."""
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None), **(feeds or {})}
-        if self.gathered:
-            return self.session.run({**feeds, POSITIONS_NAME: at}, ["logits"])["logits"]
-        logits = self.session.run(feeds, ["logits"])["logits"]
-        return logits.reshape(-1, logits.shape[-1])[at]
-
-
 class OnnxScorer:
     """Scores items with ONNX Runtime and the export folder's tokenizer.json."""
 
     def __init__(self, model: Model, *, device: str = "cpu", threads: int | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  max_batch_rows: int = 64, gather: bool = True) -> None:
         self.model = model
-        self.tokenizer = FolderTokenizer.from_folder(model.path.parent)
+        self.tokenizer = TextTokenizer.from_folder(model.path.parent, "the benchmark text")
+        self.prefix_id = self.tokenizer.prefix_token_id()  # before the session: a tokenizer without one fails fast
         self.lm = LogitsSession(model.path, device=device, threads=threads, gather=gather)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
 
     def token_requests(self, task: Task, item: Item) -> list[TokenRequest]:
-        tok, prefix, length = self.tokenizer.encode, self.tokenizer.prefix_id, self.model.max_length
+        tok, prefix, length = self.tokenizer.encode, self.prefix_id, self.model.max_length
         if task.output_type == ROLLING:
             return rolling_windows(tok(item.requests[0][1]), prefix, length)
         return [encode_pair(c, x, tok, prefix) for c, x in item.requests]

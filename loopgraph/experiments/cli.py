@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopgraph.cliargs import add_force_arg, finite_float, int_arg, seed_arg
+from loopgraph.cliargs import add_force_arg, add_spec_args, finite_float, int_arg, seed_arg, spec_from_args
+from loopgraph.spec import REGULARIZERS
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
 SWEEP_FILES = ("sweep.csv", "sweep.json", "heatmap_N*.png")  # what write_outputs writes
@@ -35,9 +36,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from loopgraph.experiments.trace import capture, format_table, write_trace
     from loopgraph.onnxio import check_output_folder
-    from loopgraph.spec import LoopSpec, parse_range
-    start, end = parse_range(args.range)
-    spec = LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k)
+    spec = spec_from_args(args)
     if args.output:
         check_output_folder(args.output, TRACE_FILES, force=args.force)
     trace = capture(args.model, spec, args.prompt, token=args.token, threads=args.threads)
@@ -49,7 +48,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from loopgraph.spec import REGULARIZERS
     p = sub.add_parser(
         "sweep", help="range x N x regularizer sweep on a task: CSV of deltas vs the baseline and heatmaps",
         description="Score every requested (block range, N, regularizer) on a benchmark task and compare each with the "
@@ -94,11 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "baseline and looped paths), DIR/trace.csv (per iteration: cosine and norm ratio to the non-looped state r, "
                     "logit-lens top-5 tokens) and DIR/trace.json.")
     p.add_argument("model", help="the original export (.onnx or export folder, without KV cache)")
-    p.add_argument("--range", required=True, help="S:E, 0-based, end exclusive (e.g. 10:20)")
-    p.add_argument("--iters", "-n", type=int_arg, default=3, help="N (default 3)")
-    p.add_argument("--reg", default="uniform", choices=list(REGULARIZERS), help="regularizer (default uniform)")
-    p.add_argument("--alpha", type=finite_float, help="weight for ema and anchor (default 0.5)")
-    p.add_argument("--k", type=finite_float, help="K of damped (default 2)")
+    add_spec_args(p)
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
     p.add_argument("--token", type=int, default=-1, help="which token position to follow (default -1, the last)")
     p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads")

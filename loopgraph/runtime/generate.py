@@ -22,7 +22,6 @@ attention never crosses rows) until every row is done or ``max_new_tokens`` is r
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,12 +30,13 @@ from typing import Any
 import numpy as np
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.naming import lg_name
+from loopgraph.exportdir import read_config
+from loopgraph.metadata import read_spec
+from loopgraph.naming import PAST_PREFIX, lg_name, present_for
+from loopgraph.runtime.inputs import left_pad, position_ids
 from loopgraph.runtime.session import Session
-from loopgraph.spec import MAX_ITERS, METADATA_KEY, LoopSpec
+from loopgraph.spec import MAX_ITERS, LoopSpec
 
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
 ITERS_INPUT = lg_name("iters")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -85,8 +85,7 @@ class CausalLM:
         of a ``--dynamic`` file."""
         config = config or {}
         inputs, outputs = session.inputs, session.outputs
-        meta = session.metadata
-        spec = LoopSpec.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+        spec = read_spec(session.metadata)
         for name in ("input_ids", "attention_mask"):
             if name not in inputs:
                 raise LoopgraphError(f"the model has no {name!r} input (inputs: {', '.join(inputs)}); "
@@ -116,7 +115,7 @@ class CausalLM:
 
 
 def _slot(info, outputs: dict, config: dict[str, Any], n: int | None) -> PastSlot:
-    present = PRESENT_PREFIX + info.name[len(PAST_PREFIX):]
+    present = present_for(info.name)
     if present not in outputs:
         raise LoopgraphError(f"the model has input {info.name} but no output {present} to feed it; it is not a with-past export loopgraph can drive")
     rank = len(info.shape)
@@ -151,9 +150,7 @@ def _slot(info, outputs: dict, config: dict[str, Any], n: int | None) -> PastSlo
 
 def open_lm(session: Session, folder: str | Path, iters: int | None = None) -> CausalLM:
     """A :class:`CausalLM` for a session opened on a model in ``folder`` (which holds config.json)."""
-    cfg_path = Path(folder) / "config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return CausalLM.from_session(session, config, iters)
+    return CausalLM.from_session(session, read_config(Path(folder)), iters)
 
 
 @dataclasses.dataclass
@@ -183,22 +180,6 @@ class Generation:
         """Tokens after the first (the one prefill gives) over the time of the decode steps."""
         later = self.new_tokens - len(self.tokens)
         return later / self.decode_seconds if self.decode_seconds > 0 else float("inf")
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``input_ids`` and ``attention_mask`` [batch, width], prompts right-aligned."""
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad_id, np.int64)
-    mask = np.zeros((len(prompts), width), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids that count only real tokens (pads get 0; they are masked anyway)."""
-    return np.clip(np.cumsum(mask, -1) - 1, 0, None)
 
 
 def choose(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Generator) -> np.ndarray:
@@ -233,7 +214,7 @@ class _Run:
         """Run the model on the tokens not cached yet (all of them without a cache); the
         next-token logits [batch, vocab]."""
         new = self.ids[:, self.cached:]
-        feeds = {"input_ids": new, "attention_mask": self.mask, "position_ids": positions(self.mask)[:, -new.shape[1]:],
+        feeds = {"input_ids": new, "attention_mask": self.mask, "position_ids": position_ids(self.mask)[:, -new.shape[1]:],
                  **self.past, **self.extra}
         outputs = ["logits"] + [s.present for s in self.lm.slots]
         out = self.lm.session.run_bound(feeds, outputs, to_host=["logits"])

@@ -207,15 +207,19 @@ def open_session(model: str | os.PathLike | onnx.ModelProto, device: str = "cpu"
     return Session(sess, kind, used)
 
 
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Add the shared runtime options (``--device``, ``--threads``, ``--opt-level``,
-    ``--strict-device``) to a subcommand's parser; :func:`session_from_args` reads them."""
+def add_runtime_args(parser: argparse.ArgumentParser, *, session_options: bool = True) -> argparse._ArgumentGroup:
+    """Add the shared runtime options to a subcommand's parser: ``--device`` (a checked choice of
+    :data:`DEVICES`) and ``--threads`` always; ``--opt-level`` and ``--strict-device`` with
+    ``session_options`` (commands that open their sessions with :func:`session_from_args`)."""
+    from loopgraph.cliargs import int_arg
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", choices=list(DEVICES),
                    help="execution provider: cpu (default), cuda, tensorrt, or auto (the best one that really runs)")
-    g.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice, one per core)")
-    g.add_argument("--opt-level", default="all", choices=list(OPT_LEVELS), help="ORT graph optimization level (default all)")
-    g.add_argument("--strict-device", action="store_true", help="fail instead of falling back to CPU when the device is not usable")
+    g.add_argument("--threads", type=int_arg, help="intra-op threads (default: ONNX Runtime's choice, one per core)")
+    if session_options:
+        g.add_argument("--opt-level", default="all", choices=list(OPT_LEVELS), help="ORT graph optimization level (default all)")
+        g.add_argument("--strict-device", action="store_true", help="fail instead of falling back to CPU when the device is not usable")
+    return g
 
 
 def session_from_args(args: argparse.Namespace, model: str | os.PathLike | onnx.ModelProto) -> Session:

@@ -13,19 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loopgraph.errors import LoopgraphError
+from loopgraph.exportdir import read_config, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file the export wrote ({} when absent); a one-line error when unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoopgraphError(f"{path} is not readable JSON ({e}); re-export the model") from None
-    return data if isinstance(data, dict) else {}
 
 
 def load_tokenizer_json(folder: Path, what: str = "the text"):
@@ -57,24 +47,40 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
 
 
+def _prefix_id(tokenizer: Any, special: dict[str, Any], config: dict[str, Any]) -> int | None:
+    """lm-eval's prefix token: the ``bos_token`` (of tokenizer_config.json, else special_tokens_map.json),
+    else the ``eos_token``, else config.json's ``bos_token_id``/``eos_token_id``; None when there is none."""
+    for key in ("bos_token", "eos_token"):
+        text = token_text(special.get(key))
+        if text is not None and tokenizer.token_to_id(text) is not None:
+            return tokenizer.token_to_id(text)
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 @dataclasses.dataclass
 class TextTokenizer:
-    """A model folder's tokenizer: encode/decode, chat template, EOS and pad ids."""
+    """A model folder's tokenizer (the one for generation, evaluation, sweeps, traces and verify):
+    encode/decode, chat template, EOS and pad ids, and the prefix token of empty contexts."""
     tokenizer: Any  # tokenizers.Tokenizer
     eos_ids: tuple[int, ...]
     pad_id: int
     chat_template: str | None
     special_tokens: dict[str, str]  # bos_token, eos_token, ... as text, for the chat template
     folder: Path
+    prefix_id: int | None = None  # see _prefix_id; prefix_token_id() refuses None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> TextTokenizer:
-        """Load the tokenizer files an export wrote into ``folder``."""
+    def from_folder(cls, folder: str | Path, what: str = "the text") -> TextTokenizer:
+        """Load the tokenizer files an export wrote into ``folder``; ``what`` names the text in
+        the error for a folder without tokenizer.json."""
         folder = Path(folder)
-        tokenizer = load_tokenizer_json(folder)
+        tokenizer = load_tokenizer_json(folder, what)
         tok_config = read_json(folder / "tokenizer_config.json")
         gen_config = read_json(folder / "generation_config.json")
-        config = read_json(folder / "config.json")
+        config = read_config(folder)
         special = {k: t for k, v in tok_config.items() if k.endswith("_token") and (t := token_text(v)) is not None}
 
         eos = _ids(gen_config.get("eos_token_id")) or _ids(config.get("eos_token_id"))
@@ -92,7 +98,15 @@ class TextTokenizer:
         if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        return cls(tokenizer, eos, pad_id, template, special, folder)
+        prefix = _prefix_id(tokenizer, {**read_json(folder / "special_tokens_map.json"), **tok_config}, config)
+        return cls(tokenizer, eos, pad_id, template, special, folder, prefix)
+
+    def prefix_token_id(self) -> int:
+        """The token an empty context becomes (lm-eval: BOS if the tokenizer has one, else EOS)."""
+        if self.prefix_id is None:
+            raise LoopgraphError(f"{self.folder}: no BOS or EOS token in tokenizer_config.json or config.json, so there is no "
+                                 "prefix token for empty contexts; add bos_token to tokenizer_config.json")
+        return self.prefix_id
 
     @property
     def vocab_size(self) -> int:

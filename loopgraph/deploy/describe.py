@@ -1,4 +1,5 @@
-"""``loopgraph inspect``: what is in an ONNX file, without loading its weights."""
+"""``loopgraph inspect``: what is in an ONNX file, without loading its weights (an inspection
+tool beside ``check``, ``diff`` and ``view``, on the same read-only facts of :mod:`loopgraph.deploy.graphs`)."""
 
 from __future__ import annotations
 
@@ -8,64 +9,43 @@ from typing import Any
 
 import onnx
 
+from loopgraph.deploy.graphs import dtype_name, shape_of
 from loopgraph.deploy.tensorrt import readiness as tensorrt_readiness
 from loopgraph.errors import LoopgraphError
-from loopgraph.metadata import read_spec
+from loopgraph.exportdir import CONFIG, read_config
+from loopgraph.metadata import VERSION_KEY, all_graphs, props, read_spec
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
 from loopgraph.passes.loop import is_looped
 
 
-def _shape(v: onnx.ValueInfoProto) -> list:
-    tt = v.type.tensor_type
-    return [d.dim_param or d.dim_value for d in tt.shape.dim] if tt.HasField("shape") else []
-
-
-def _dtype(v: onnx.ValueInfoProto) -> str:
-    elem = v.type.tensor_type.elem_type
-    if elem not in onnx.TensorProto.DataType.values():  # a damaged file is still described
-        return f"unknown({elem})"
-    return onnx.TensorProto.DataType.Name(elem).lower()
-
-
-def _count_nodes(graph: onnx.GraphProto) -> int:
-    n = 0
-    for node in graph.node:
-        n += 1
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += _count_nodes(a.g)
-    return n
-
-
-def _rewrite_record(model: onnx.ModelProto) -> dict[str, Any] | None:
-    """The recorded spec as a dict; an unreadable record is a one-line error (from read_spec)."""
-    spec = read_spec(model)
-    return None if spec is None else json.loads(spec.to_json())
+def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:
+    """Name, dtype (``float32``, ``int64``: the spelling of check/diff/view) and declared shape
+    (symbolic dims by name, unknown dims as None, no declared shape as [])."""
+    return {"name": v.name, "dtype": dtype_name(v.type.tensor_type.elem_type), "shape": shape_of(v) or []}
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     p = resolve_model_path(path)
     model = load_model(p)
-    meta = {m.key: m.value for m in model.metadata_props}
+    spec = read_spec(model)
     info: dict[str, Any] = {
         "path": str(p),
         "file_bytes": p.stat().st_size,
         "ir_version": model.ir_version,
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "inputs": [{"name": v.name, "dtype": _dtype(v), "shape": _shape(v)} for v in model.graph.input],
-        "outputs": [{"name": v.name, "dtype": _dtype(v), "shape": _shape(v)} for v in model.graph.output],
+        "inputs": [_value(v) for v in model.graph.input],
+        "outputs": [_value(v) for v in model.graph.output],
         "external_data": [{"file": loc, "bytes": (p.parent / loc).stat().st_size} for loc in external_locations(model)],
         "nodes": len(model.graph.node),
-        "nodes_with_subgraphs": _count_nodes(model.graph),
+        "nodes_with_subgraphs": sum(len(g.node) for g in all_graphs(model.graph)),
         "kv_cache": has_kv_cache(model),
-        "rewrite": _rewrite_record(model),
-        "loopgraph_version": meta.get("loopgraph.version"),
+        "rewrite": json.loads(spec.to_json()) if spec is not None else None,
+        "loopgraph_version": props(model).get(VERSION_KEY),
     }
     info["tensorrt"] = tensorrt_readiness(model)  # TensorRT readiness summary (loopgraph check --target tensorrt)
-    config = p.parent / "config.json"
-    if config.is_file():
-        info["model_type"] = json.loads(config.read_text()).get("model_type")
+    if (p.parent / CONFIG).is_file():
+        info["model_type"] = read_config(p.parent).get("model_type")
     if is_looped(model):
         info["family"], info["blocks"], info["strategy"] = None, [], None
         info["blocks_note"] = "the looped range lives inside a Loop body; inspect the original export for the block table"
