@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from loopgraph._version import __version__
-from loopgraph.cliargs import Parser, add_force_arg, add_form_args, add_spec_args, finite_float, int_arg, spec_from_args
+from loopgraph.cliargs import Parser, add_form_args, add_spec_args, finite_float, int_arg, spec_from_args
 from loopgraph.errors import WRITE_ERRNOS, LoopgraphError
 
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file of an export")
     add_spec_args(p)
     add_form_args(p)
-    p.add_argument("-o", "--output", help="output .onnx, or a folder (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
-    add_force_arg(p)
+    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx), or a folder "
+                                          "(ending in / or existing): a runnable folder for Optimum and onnxruntime-genai")
+    p.add_argument("--force", action="store_true", help="replace an existing output file or a non-empty output folder (refused without it)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
+from loopgraph.deploy.folder import is_folder_output, write_folder
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import SOURCE_KEY, set_props  # noqa: F401 - SOURCE_KEY: re-exported for older importers
 from loopgraph.onnxio import (
@@ -82,7 +83,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
     without ``copy_weights``, and a ``--kv`` mode (``kv_given``) for a model
     without a KV cache. ``copy_weights`` never replaces a data file: an identical one is reused,
     a different one under the same name leaves it alone and writes a fresh name (see
-    :func:`_copy_data_files`); ``say`` is told what was done."""
+    :func:`_copy_data_files`); ``say`` is told what was done. An ``output`` that ends in ``/``
+    or is an existing folder gets a runnable folder (:mod:`loopgraph.deploy.folder`; ``force``
+    replaces a non-empty one)."""
     if isinstance(model, onnx.ModelProto):
         # a model the caller's code holds: the passes' preconditions apply, not the file checks
         # (graphs built in code often leave output shapes to inference, which onnx.checker refuses)
@@ -94,6 +97,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
         return RewriteResult(new, None, resolved, blocks, reports)
 
     src = resolve_model_path(model)
+    if is_folder_output(output):  # a runnable folder (loopgraph.deploy.folder): model.onnx + config, tokenizer, genai_config
+        return write_folder(src, Path(output), force, lambda path: rewrite(src, spec, path, copy_weights=copy_weights,
+                                                                             kv_given=kv_given, say=say))
     out = Path(output) if output is not None else None
     if out is not None and not out.is_dir():
         _check_out(src, out, force)  # before any work: a refused output costs nothing
