@@ -1,13 +1,15 @@
 """The ``loopgraph`` command: a thin layer over the Python API, one function per subcommand.
 
-User errors (:class:`LoopgraphError`) print as one line and exit with code 2; ``--debug``
-shows their traceback. torch/transformers/optimum are imported only inside the commands that
+User errors (:class:`LoopgraphError`), argparse's usage errors and writes that fail for want of
+room or permission print as one line and exit with code 2; ``--debug`` shows their traceback.
+Any other exception is a bug and keeps its traceback. torch/transformers/optimum are imported only inside the commands that
 need them, so ``loopgraph rewrite --help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -15,8 +17,8 @@ import time
 from collections.abc import Sequence
 
 from loopgraph._version import __version__
-from loopgraph.cliargs import add_form_args, add_spec_args, int_arg, spec_from_args
-from loopgraph.errors import LoopgraphError
+from loopgraph.cliargs import Parser, add_form_args, add_spec_args, finite_float, int_arg, spec_from_args
+from loopgraph.errors import WRITE_ERRNOS, LoopgraphError
 
 #: modules that add subcommands: each has ``register(subparsers)`` and imports nothing heavy
 COMMAND_MODULES: tuple[str, ...] = (
@@ -40,7 +42,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from loopgraph.rewrite import rewrite
     t0 = time.time()
     spec = spec_from_args(args)
-    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force)
+    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force,
+                     kv_given=args.kv is not None, say=lambda m: print(m, file=sys.stderr))
     s = result.spec
     report = result.report
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
@@ -59,14 +62,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from loopgraph.verify import DEFAULT_PROMPTS, format_report, verify
     prompts = [tuple(args.prompts)] if args.prompts else DEFAULT_PROMPTS
     report = verify(args.model, args.reference, prompts, atol=args.atol, rtol=args.rtol, device=args.device,
-                    threads=args.threads, say=lambda m: print(m, file=sys.stderr))
+                    threads=args.threads, original=args.original, say=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     from loopgraph.runtime.session import add_runtime_args  # its DEVICES check --device; numpy/onnx, no torch
-    parser = argparse.ArgumentParser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
+    parser = Parser(prog="loopgraph", description="Regularized inner looping of frozen decoder LMs as an ONNX graph rewrite.")
     parser.add_argument("--version", action="version", version=f"loopgraph {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_form_args(p)
     p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx), or a folder "
                                           "(ending in / or existing): a runnable folder for Optimum and onnxruntime-genai")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output file or a non-empty output folder (refused without it)")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 
@@ -96,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and check that N = 1 is bit-exact to the original.")
     p.add_argument("model", help="a looped .onnx written by loopgraph rewrite")
     p.add_argument("--reference", help="HF checkpoint folder or smollm2-135m (default: from the export's loopgraph.json)")
+    p.add_argument("--original", help="the original .onnx for the N = 1 check (default: the one the file records, if it is "
+                                      "confined and its digest matches; see docs/safety.md)")
     p.add_argument("--prompts", nargs="+", help="prompts to run as one left-padded batch (default: a fixed set)")
-    p.add_argument("--atol", type=float, default=1e-5, help="absolute part of the bound (default 1e-5)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
+    p.add_argument("--atol", type=finite_float, default=1e-5, help="absolute part of the bound (default 1e-5)")
+    p.add_argument("--rtol", type=finite_float, default=1e-3, help="part of max|reference logits| added to the bound (default 1e-3)")
     add_runtime_args(p, session_options=False)
     p.set_defaults(func=cmd_verify)
 
@@ -120,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"loopgraph: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a write the user can fix (full disk, read-only folder, permissions) surfacing from a library
+        # (Optimum's exporter, matplotlib...) rather than from onnxio's atomic writes; other OSErrors are bugs
+        if args.debug or e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"loopgraph: error: {e.filename or 'a file'}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}); "
+              "free space, fix the permissions or choose another output path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loopgraph: interrupted", file=sys.stderr)

@@ -4,6 +4,9 @@ Keys loopgraph writes (all under ``loopgraph.``):
 
 - ``loopgraph.spec``: the :class:`~loopgraph.spec.LoopSpec` of the rewrite, as JSON;
 - ``loopgraph.source``: where the original model lives, relative to the rewritten file;
+- ``loopgraph.source_digest``: ``sha256:<hex>`` of the original's bytes (its .onnx file, then its
+  external data files in first-reference order), so a moved or planted file is recognised
+  (:mod:`loopgraph.provenance` checks both before anything reads the original);
 - ``loopgraph.version`` and ``loopgraph.blocks``: the tool's version and the model's block count;
 - ``loopgraph.virtual_layers``: for a standard-layout KV cache (``--kv exact``), the map of cache
   pair v -> ``[block, iteration]`` (JSON list, execution order; iteration 0-based).
@@ -21,6 +24,7 @@ from loopgraph.spec import LoopSpec
 
 SPEC_KEY = "loopgraph.spec"
 SOURCE_KEY = "loopgraph.source"
+SOURCE_DIGEST_KEY = "loopgraph.source_digest"
 VERSION_KEY = "loopgraph.version"
 BLOCKS_KEY = "loopgraph.blocks"
 VIRTUAL_LAYERS_KEY = "loopgraph.virtual_layers"

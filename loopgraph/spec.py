@@ -72,6 +72,8 @@ class LoopSpec:
         reg = regularizer(self.reg)  # refuses an unknown name
         if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)):
             raise LoopgraphError(f"noise seed must be an integer, got {self.noise_seed!r}")
+        if self.noise_seed is not None and self.noise_seed < 0:
+            raise LoopgraphError(f"--noise-control {self.noise_seed}: a seed is a non-negative integer")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int):
             raise LoopgraphError(f"--iters must be an integer, got {self.iters!r}")
         if not 1 <= self.iters <= MAX_ITERS:
@@ -83,14 +85,14 @@ class LoopSpec:
         if param == "alpha":
             if self.alpha is None:
                 object.__setattr__(self, "alpha", reg.default)
-            if not 0.0 < self.alpha <= 1.0:
+            if not 0.0 < self.alpha <= 1.0:  # (nan fails this too)
                 raise LoopgraphError(f"--alpha {self.alpha} is outside (0, 1]; pick e.g. 0.5")
         elif self.alpha is not None:
             raise LoopgraphError(f"--alpha applies to ema and anchor, not to {self.reg}; drop it")
         if param == "k":
             if self.k is None:
                 object.__setattr__(self, "k", reg.default)
-            if not self.k >= 1.0:
+            if not 1.0 <= self.k < float("inf"):  # inf: a step of 0, the loop would do nothing
                 raise LoopgraphError(f"--k {self.k} must be >= 1 (1/K is the step size); pick e.g. 2")
         elif self.k is not None:
             raise LoopgraphError(f"--k applies to damped, not to {self.reg}; drop it")
@@ -167,6 +169,8 @@ class LoopSpec:
     @classmethod
     def from_json(cls, text: str) -> LoopSpec:
         data: dict[str, Any] = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, expected an object")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 

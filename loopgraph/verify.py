@@ -7,10 +7,10 @@ comparator :mod:`loopgraph.runtime.compare`, the reference model from :mod:`loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +19,9 @@ import onnx
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.exportdir import MANIFEST, reference_dir
-from loopgraph.metadata import SOURCE_KEY, SPEC_KEY, props, read_spec
-from loopgraph.onnxio import resolve_model_path
+from loopgraph.metadata import BLOCKS_KEY, SPEC_KEY, props, read_spec
+from loopgraph.onnxio import load_model, resolve_model_path, temp_name
+from loopgraph.provenance import original_of
 from loopgraph.runtime.compare import OutputComparison, compare
 from loopgraph.runtime.inputs import feeds_for, left_pad
 from loopgraph.runtime.tokenizer import TOKENIZER_FILE, TextTokenizer
@@ -65,6 +66,39 @@ def recorded_spec(model: onnx.ModelProto, path: Path) -> LoopSpec:
     return spec
 
 
+def _embedding_rows(model: onnx.ModelProto) -> int | None:
+    """Rows of the token embedding: the initializer a Gather on ``input_ids`` reads."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" and node.input[0] in inits:
+            return int(inits[node.input[0]].dims[0])
+    return None
+
+
+def check_reference(hf, model: onnx.ModelProto, path: Path, ref: str | os.PathLike, spec: LoopSpec) -> None:
+    """The reference must be the model the file was exported from, as far as the graph tells:
+    the vocabulary (logits width), the block count recorded at rewrite time, and the hidden size
+    where the graph states them. A checkpoint of another model would otherwise fail deep in
+    PyTorch (an embedding index out of range) or compare unrelated logits."""
+    cfg = hf.config
+    logits = next((o for o in model.graph.output if o.name == "logits"), None)
+    if logits is None or not {"input_ids", "attention_mask"} <= {i.name for i in model.graph.input}:
+        raise LoopgraphError(f"{path} is not a causal LM export (needs inputs input_ids, attention_mask and output logits); "
+                             "verify a loopgraph rewrite of an export")
+    dims = logits.type.tensor_type.shape.dim
+    vocab = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else _embedding_rows(model)
+    blocks = props(model).get(BLOCKS_KEY)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    for what, graph_says, ref_says in (("vocabulary size", vocab, getattr(cfg, "vocab_size", None)),
+                                       ("block count", int(blocks) if blocks and blocks.isdigit() else None, layers)):
+        if graph_says is not None and ref_says is not None and graph_says != ref_says:
+            raise LoopgraphError(f"--reference {ref} is not the model {path} was exported from: its {what} is {ref_says}, "
+                                 f"the graph's is {graph_says}; pass the checkpoint the export was made from")
+    if layers is not None and spec.end is not None and spec.end > layers:
+        raise LoopgraphError(f"--reference {ref} has {layers} layers but {path} loops blocks {spec.start}:{spec.end}; "
+                             "pass the checkpoint the export was made from")
+
+
 def encode(folder: Path, texts: Sequence[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded token ids and mask. Uses the export's tokenizer.json (the ``tokenizers``
     library, no transformers); without one, a deterministic id sequence per text."""
@@ -98,26 +132,29 @@ def check_prompts(label: str, got: np.ndarray, ref: np.ndarray, mask: np.ndarray
 def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None,
            prompts: Sequence[Sequence[str]] = DEFAULT_PROMPTS, *, atol: float = 1e-5, rtol: float = 1e-3,
            device: str = "cpu", threads: int | None = None, check_n1: bool = True,
-           say: Callable[[str], None] = print) -> VerifyReport:
+           original: str | os.PathLike | None = None, say: Callable[[str], None] = print) -> VerifyReport:
     """Run the looped graph and the PyTorch looped reference on ``prompts`` (each group one
-    left-padded batch) and compare their logits; with ``check_n1``, also rewrite the recorded
-    original with N = 1 and check it is bit-exact to the original. Refuses a file without a
-    rewrite record and a model whose reference checkpoint is unknown."""
+    left-padded batch) and compare their logits; with ``check_n1``, also rewrite the original
+    with N = 1 and check it is bit-exact to the original. Refused: a file that is not readable or
+    has no rewrite record, an unknown reference checkpoint or one of another model
+    (:func:`check_reference`), a recorded original that is not confined or not the original
+    (:func:`loopgraph.provenance.original_of`; ``original`` overrides the recorded one)."""
     from loopgraph.reference.hf import load_reference
     from loopgraph.reference.looped import reference_logits
     from loopgraph.runtime.session import open_session
 
     path = resolve_model_path(looped)
-    header = onnx.load(str(path), load_external_data=False)
+    header = load_model(path)  # a truncated or damaged file is a one-line error
     spec = recorded_spec(header, path)
-    source = props(header).get(SOURCE_KEY)
-    del header
+    source = original_of(path, header, original, missing_ok=True) if check_n1 else None
     ref_dir = reference or reference_dir(path.parent)
     if ref_dir is None:
         raise LoopgraphError(f"no reference model known for {path} (no {MANIFEST} manifest with one); "
                              "pass --reference HF_DIR or --reference smollm2-135m")
     say(f"reference: {ref_dir}")
     hf = load_reference(ref_dir)
+    check_reference(hf, header, path, ref_dir, spec)
+    del header
     session = open_session(path, device=device, threads=threads)
     provider = session.providers[0]
     say(f"looped model on {provider}: {spec.slug()}")
@@ -129,10 +166,11 @@ def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None
         ref = reference_logits(hf, spec, ids, mask).numpy()
         comparisons.append(check_prompts(label, got, ref, mask, atol, rtol, provider))
 
-    original = path.parent / source if source is not None else None
     n1 = None
-    if check_n1 and original is not None and original.is_file():
-        n1 = n1_max_abs(original, spec, [(ids, mask) for _, ids, mask in batches], device, threads)
+    if check_n1 and source is None:
+        say(f"N = 1 check skipped: the original of {path} is not recorded or not there (pass --original PATH)")
+    if check_n1 and source is not None:
+        n1 = n1_max_abs(source, spec, [(ids, mask) for _, ids, mask in batches], device, threads)
     return VerifyReport(spec, provider, comparisons, n1)
 
 
@@ -144,15 +182,15 @@ def n1_max_abs(original: Path, spec: LoopSpec, batches: Sequence[tuple[np.ndarra
     from loopgraph.runtime.session import open_session
 
     one = dataclasses.replace(spec, iters=1, dynamic=False)
-    fd, tmp = tempfile.mkstemp(prefix=".verify-n1.", suffix=".onnx", dir=original.parent)
-    os.close(fd)
+    tmp = temp_name(original.parent / "verify-n1.onnx", ".onnx")  # named as ours: a kill -9 leftover is cleaned later
     try:
         rewrite(original, one, output=tmp)
         s1, s0 = (open_session(m, device=device, threads=threads) for m in (tmp, original))
         return max(compare({"logits": run_logits(s1, original.parent, ids, mask)}, {"logits": run_logits(s0, original.parent, ids, mask)},
                            atol=0.0, rtol=0.0, provider=s1.providers[0])["logits"].max_abs for ids, mask in batches)
     finally:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def format_report(r: VerifyReport) -> str:

@@ -89,6 +89,44 @@ def test_view_cli_prints_url_and_stops_on_ctrl_c(files, inherited):
             proc.wait()
 
 
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie (exited, not yet reaped by init) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_view_cli_stops_its_servers_on_sigterm_and_sighup(files, sig):
+    """Regression: kill PID left the Netron server running (orphaned, still listening)."""
+    need("netron")
+    proc = subprocess.Popen([sys.executable, "-m", "loopgraph.cli", "view", str(files[1]), "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"{files[1]}: http://127.0.0.1:"), line
+        url = line.split(": ", 1)[1].strip()
+        servers = _children(proc.pid)
+        assert servers, "no netron child process found"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 0
+        assert all(_gone(pid) for pid in servers), f"netron servers {servers} outlived loopgraph view after {sig.name}"
+        with pytest.raises(urllib.error.URLError):
+            fetch(url)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_structure_of_original_and_rewrite(files):
     original, looped = (load_model(p) for p in files)
     s = structure_of(original, "model.onnx")

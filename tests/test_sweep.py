@@ -237,7 +237,10 @@ def test_cli_sweep_dry_run_and_errors(model, tmp_path):
     assert len(read_csv(out / "sweep.csv")) == 2 and (out / "heatmap_N2_uniform.png").is_file()
     assert "baseline" in done.stdout
 
-    bad = run_cli("sweep", *common[:-1], "--ranges", "width=9", "-o", out)
+    again = run_cli("sweep", *common, "-o", out)  # the results are there: replaced only with --force
+    assert again.returncode == 2 and "already holds" in again.stderr and "--force" in again.stderr, again.stderr
+
+    bad = run_cli("sweep", *common[:-1], "--ranges", "width=9", "-o", tmp_path / "out2")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "width=1..4" in bad.stderr
 

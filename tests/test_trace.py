@@ -145,5 +145,7 @@ def test_cli_trace(tiny, tmp_path):
     assert "final (looped)" in done.stdout and (out / "trajectory.png").is_file() and (out / "trace.csv").is_file()
     looped_file = tmp_path / "looped.onnx"
     rewrite(folder / "model.onnx", LoopSpec(1, 3, iters=2), looped_file, copy_weights=True)
-    bad = run_cli("trace", looped_file, "--range", "1:3", "--prompt", PROMPT, "-o", out)
+    again = run_cli("trace", folder / "model.onnx", "--range", "1:3", "--prompt", PROMPT, "-o", out)
+    assert again.returncode == 2 and "already holds" in again.stderr and "--force" in again.stderr, again.stderr
+    bad = run_cli("trace", looped_file, "--range", "1:3", "--prompt", PROMPT, "-o", tmp_path / "trace2")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "already looped" in bad.stderr, bad.stderr

@@ -44,7 +44,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     if args.png:
         from loopgraph.deploy.view import render_png
-        from loopgraph.onnxio import load_model, resolve_model_path
+        from loopgraph.onnxio import check_output, load_model, resolve_model_path
+        check_output(args.png, force=args.force, what="--png")
         out = render_png([(str(p), load_model(resolve_model_path(p))) for p in args.models], args.png)
         print(f"wrote {out}")
         return 0
@@ -56,11 +57,16 @@ def cmd_view(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         # a parent that ignores SIGINT (a background job of a script, a test runner) passes that on; Ctrl-C must still stop us
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # kill PID / a closed terminal: unwind too, so netron_servers stops the servers instead of orphaning them
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
         try:
             while True:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)
+        except _Stopped as e:
+            print(f"stopped ({signal.Signals(e.signum).name})", file=sys.stderr)
     return 0
 
 
@@ -82,16 +88,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _precision_commands(sub: argparse._SubParsersAction) -> None:
-    from loopgraph.cliargs import int_arg
+    from loopgraph.cliargs import add_output_args, int_arg
     p = sub.add_parser("quantize", help="int4 / int8 / fp16 copy of a model (Loop bodies included) with ONNX Runtime's tools",
                        description="Quantize every MatMul with a constant weight, in the main graph and in Loop bodies, each "
                                    "weight once: int4 (MatMulNBits), int8 (dynamic), fp16 (inputs/outputs stay fp32).")
     p.add_argument("model", help="an .onnx file or an export folder (original, looped or unrolled)")
     p.add_argument("--to", required=True, help="int4, int8 or fp16")
-    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    add_output_args(p, "output .onnx", required=True)
     p.add_argument("--block-size", type=int_arg, default=32, help="int4 block size along K (power of 2, >= 16; default 32)")
     p.add_argument("--accuracy-level", type=int_arg, help="int4 MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_quantize)
 
@@ -99,13 +104,24 @@ def _precision_commands(sub: argparse._SubParsersAction) -> None:
                        description="Run ONNX Runtime's session-level graph optimizer and save the result, repairing what makes "
                                    "a looped file invalid (names repeated across the main graph and a Loop body).")
     p.add_argument("model", help="an .onnx file or an export folder")
-    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    add_output_args(p, "output .onnx", required=True)
     p.add_argument("--level", default="extended", choices=("basic", "extended", "all"),
                    help="ORT graph optimization level (default extended: 'all' adds layout changes tied to this machine's EP)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="execution provider the file is optimized for")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
+
+
+class _Stopped(BaseException):
+    """Raised by the SIGTERM/SIGHUP handler of ``view`` (a BaseException: no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise _Stopped(signum)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -138,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "a compact picture of the block structure (the Loop as a frame with N and the regularizer).")
     p.add_argument("models", nargs="+", metavar="MODEL", help="one or more .onnx files (or export folders)")
     p.add_argument("--png", metavar="OUT.png", help="write the block-structure picture instead of starting Netron (needs graphviz)")
+    p.add_argument("--force", action="store_true", help="with --png: replace an existing picture")
     p.add_argument("--port", type=int, default=0, help="first port (default: a free port per model)")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     p.set_defaults(func=cmd_view)

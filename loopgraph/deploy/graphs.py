@@ -31,7 +31,10 @@ Dim = int | str | None  # a fixed size, a symbolic name, or unknown
 
 
 def dtype_name(elem_type: int) -> str:
-    """``1`` -> ``"float32"`` style names (ONNX enum names, lower case; FLOAT is float32)."""
+    """``1`` -> ``"float32"`` style names (ONNX enum names, lower case; FLOAT is float32);
+    a number ONNX does not define prints as ``unknown(99)`` (a damaged file is still described)."""
+    if elem_type not in onnx.TensorProto.DataType.values():
+        return f"unknown({elem_type})"
     name = onnx.TensorProto.DataType.Name(elem_type).lower()
     return {"float": "float32", "double": "float64"}.get(name, name)
 

@@ -199,15 +199,12 @@ def optimize_file(src: str | os.PathLike, dest: str | os.PathLike, level: str = 
                   force: bool = False) -> OptimizeReport:
     """Write the repaired optimized graph of ``src`` to ``dest`` atomically (an existing ``dest`` only
     with ``force``; never the input)."""
-    from loopgraph.onnxio import resolve_model_path, save_model
+    from loopgraph.onnxio import check_output, resolve_model_path, save_model
     src_path = resolve_model_path(src)
     dest = Path(dest)
     if dest.exists() and dest.resolve() == src_path.resolve():
         raise LoopgraphError(f"output {dest} is the input file; choose another -o path (the input is never overwritten)")
-    if dest.is_dir():
-        raise LoopgraphError(f"output {dest} is a folder; give the path of the .onnx file to write")
-    if dest.exists() and not force:
-        raise LoopgraphError(f"output {dest} exists; pass --force to replace it")
+    check_output(dest, force=force)
     model, report = optimize_model(src_path, level, device)
     if model.ByteSize() >= 2**31:
         raise LoopgraphError("the optimized model is over protobuf's 2 GiB for one file; external-data output is not supported yet")

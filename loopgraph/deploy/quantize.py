@@ -334,16 +334,13 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, to: str, bloc
                   accuracy_level: int | None = None, force: bool = False) -> QuantizeReport:
     """Quantize the model at ``src`` into ``dest`` (written atomically; an existing ``dest`` only with ``force``;
     never the input). Sizes in the report are the files'."""
-    from loopgraph.onnxio import load_model, resolve_model_path, save_model
+    from loopgraph.onnxio import check_output, load_model, resolve_model_path, save_model
     _check_options(to, block_size, accuracy_level)
     src_path = resolve_model_path(src)
     dest = Path(dest)
     if dest.exists() and dest.resolve() == src_path.resolve():
         raise LoopgraphError(f"output {dest} is the input file; choose another -o path (the input is never overwritten)")
-    if dest.is_dir():
-        raise LoopgraphError(f"output {dest} is a folder; give the path of the .onnx file to write")
-    if dest.exists() and not force:
-        raise LoopgraphError(f"output {dest} exists; pass --force to replace it")
+    check_output(dest, force=force)
     model = load_model(src_path, load_weights=True)  # the tools need real weights
     new, report = quantize_model(model, to, block_size, accuracy_level)
     del model

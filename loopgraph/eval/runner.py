@@ -33,6 +33,7 @@ from loopgraph.exportdir import read_config, read_json
 from loopgraph.metadata import SOURCE_KEY, SPEC_KEY, props, read_spec
 from loopgraph.naming import PAST_PREFIX
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
+from loopgraph.provenance import original_of
 from loopgraph.rewrite import rewrite
 from loopgraph.runtime.logits import LogitsSession
 from loopgraph.runtime.tokenizer import TextTokenizer
@@ -54,12 +55,29 @@ class Model:
     max_length: int
     max_length_from: str
     noise_of: str | None = None  # label of the looped model this is the noise control of
+    original: Path | None = None  # the original, confined and digest-checked (with noise_control only)
 
 
-def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.ModelProto | None = None) -> Model:
+FEEDS = ("input_ids", "attention_mask", "position_ids")  # what the scorer feeds a causal LM
+
+
+def _check_causal_lm(model: onnx.ModelProto, path: Path) -> None:
+    """The graph must be what the scorer drives: inputs among input_ids/attention_mask/position_ids
+    (input_ids required) and a ``logits`` output."""
+    inputs = [i.name for i in model.graph.input]
+    other = [n for n in inputs if n not in FEEDS]
+    if "input_ids" not in inputs or other or "logits" not in {o.name for o in model.graph.output}:
+        raise LoopgraphError(f"{path} is not a causal LM export: inputs {inputs[:6]}, outputs {[o.name for o in model.graph.output][:4]} "
+                             f"(evaluation feeds {', '.join(FEEDS)} and reads logits); export the model with loopgraph export")
+
+
+def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.ModelProto | None = None,
+               noise_control: bool = False, original: str | os.PathLike | None = None) -> Model:
     """Read a model's metadata and hashes (weights are not loaded). Its label is the recorded
     spec's slug (``loop12-18x3-uniform``) or, for a model that is no rewrite, the file's stem.
-    ``header``: the model the caller already loaded from ``path``, so it is not read again."""
+    ``header``: the model the caller already loaded from ``path``, so it is not read again.
+    With ``noise_control`` the original of a rewrite is located and checked
+    (:func:`loopgraph.provenance.original_of`; ``original`` overrides the recorded path)."""
     p = resolve_model_path(path)
     if header is None:
         header = load_model(p)  # checks external data; never reads it
@@ -67,9 +85,11 @@ def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.
     if any(i.name.startswith(PAST_PREFIX) for i in header.graph.input):
         raise LoopgraphError(f"{p} takes KV-cache inputs (a --with-past export); evaluation feeds whole sequences: "
                              "evaluate an export made without --with-past (and its rewrites)")
+    _check_causal_lm(header, p)
     spec = read_spec(header)
     source = props(header).get(SOURCE_KEY)
-    source_path = (p.parent / source).resolve() if source is not None else None
+    source_path = (p.parent / source).resolve() if source is not None else None  # for the report; never opened unchecked
+    checked = original_of(p, header, original, missing_ok=True) if noise_control and spec is not None else None
     if max_length is None:
         max_length, origin = config_max_length(read_config(p.parent), read_json(p.parent / "tokenizer_config.json"))
     else:
@@ -77,7 +97,7 @@ def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.
     if max_length < 1:
         raise LoopgraphError(f"--max-length {max_length} must be at least 1")
     return Model(p, spec.slug() if spec else p.stem, spec, source_path, file_sha256(p).hexdigest(),
-                 model_key(p, external, max_length), max_length, origin)
+                 model_key(p, external, max_length), max_length, origin, original=checked)
 
 
 def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -> Path:
@@ -88,15 +108,15 @@ def noise_variant(model: Model, seed: int, say: Callable[[str], None] = print) -
     if model.spec is None:
         raise LoopgraphError(f"--noise-control: {model.path} is not a loopgraph rewrite (no {SPEC_KEY}); "
                              "give looped models, or drop --noise-control")
-    if model.source is None or not model.source.is_file():
-        raise LoopgraphError(f"--noise-control: the original of {model.path} ({model.source or 'not recorded'}) is missing; "
-                             "it is needed to build the noise variant: keep the export folder together")
+    if model.original is None:
+        raise LoopgraphError(f"--noise-control: the original of {model.path} is not recorded or missing; "
+                             "it is needed to build the noise variant: keep the export folder together or pass --original PATH")
     spec = dataclasses.replace(model.spec, noise_seed=seed)
     out = model.path.with_name(f"{model.path.stem}.noise{seed}.onnx")
     if out.is_file() and read_spec(load_model(out)) == spec:
         return out
     say(f"building the noise control of {model.label}: {out}")
-    rewrite(model.source, spec, out)
+    rewrite(model.original, spec, out, force=True)  # our own derived file: replaced when its spec differs
     return out
 
 
@@ -168,8 +188,10 @@ class EvalReport:
 def evaluate(paths: Sequence[str | Path], tasks: Sequence[Task], *, data_dir: Path | None = None, limit: int | None = None,
              seed: int = 1234, cache_dir: Path | None = None, device: str = "cpu", threads: int | None = None,
              max_batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int | None = None, noise_control: bool = False,
-             progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> EvalReport:
-    """Evaluate ``paths`` (the first is the baseline of the comparison) on ``tasks``."""
+             progress: bool = True, original: str | os.PathLike | None = None,
+             say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> EvalReport:
+    """Evaluate ``paths`` (the first is the baseline of the comparison) on ``tasks``. ``original``:
+    the export the looped models were rewritten from, for ``noise_control`` (default: recorded)."""
     t0 = time.time()
     if limit is not None and limit < 1:
         raise LoopgraphError(f"--limit {limit} evaluates nothing; give a positive number of items per task or drop --limit")
@@ -177,7 +199,7 @@ def evaluate(paths: Sequence[str | Path], tasks: Sequence[Task], *, data_dir: Pa
         raise LoopgraphError(f"--max-batch-tokens {max_batch_tokens} must be at least 1")
     data_dir = Path(data_dir) if data_dir is not None else data_dir_default()
     loaded = {t.name: load_items(t, data_dir) for t in tasks}  # all data errors before any model work
-    models = [open_model(p, max_length) for p in paths]
+    models = [open_model(p, max_length, noise_control=noise_control, original=original) for p in paths]
     if noise_control:
         looped = [m for m in models if m.spec is not None and m.spec.noise_seed is None]
         if not looped:

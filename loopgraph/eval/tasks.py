@@ -17,6 +17,7 @@ with an error naming the file and line.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from collections.abc import Callable
@@ -230,22 +231,30 @@ def parse_tasks(text: str) -> list[Task]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; blank lines are refused like any other bad line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoopgraphError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); "
-                                     "fix the line or copy the file again from the data release") from None
-            if not isinstance(doc, dict):
-                raise LoopgraphError(f"{path} line {number}: a JSON {type(doc).__name__}, expected an object; "
-                                     "fix the line or copy the file again from the data release")
-            records.append(doc)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise LoopgraphError(f"{path} line {line}: not valid UTF-8 (byte {e.object[e.start]:#04x}); "
+                             "copy the file again from the data release") from None
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # the lines open() would give
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LoopgraphError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 "fix the line or copy the file again from the data release") from None
+        if not isinstance(doc, dict):
+            raise LoopgraphError(f"{path} line {number}: a JSON {type(doc).__name__}, expected an object; "
+                                 "fix the line or copy the file again from the data release")
+        records.append(doc)
     return records
 
 
 def _piqa_labels(path: Path, n: int) -> list[int]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise LoopgraphError(f"{path}: not valid UTF-8; copy the file again from the data release") from None
     if len(lines) != n:
         raise LoopgraphError(f"{path} has {len(lines)} labels for {n} records in valid.jsonl; the two files must be line-aligned")
     for number, line in enumerate(lines, 1):

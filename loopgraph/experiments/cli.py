@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopgraph.cliargs import add_spec_args, int_arg, spec_from_args
+from loopgraph.cliargs import add_force_arg, add_spec_args, finite_float, int_arg, seed_arg, spec_from_args
 from loopgraph.spec import REGULARIZERS
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
+SWEEP_FILES = ("sweep.csv", "sweep.json", "heatmap_N*.png")  # what write_outputs writes
+TRACE_FILES = ("trajectory.png", "trace.csv", "trace.json")  # what write_trace writes
 DEFAULT_BATCH_TOKENS = 128  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from loopgraph.experiments.sweep import format_dry_run, format_summary, sweep, write_outputs
+    from loopgraph.onnxio import check_output_folder
+    if not args.dry_run:  # before the sweep: a refused folder costs nothing
+        check_output_folder(args.output, SWEEP_FILES, force=args.force)
     cache_dir = None if args.no_cache else Path(args.cache_dir or DEFAULT_CACHE).expanduser()
     result = sweep(args.model, args.task, ranges=args.ranges, stride=args.stride, iters=args.iters, regs=args.reg, limit=args.limit,
                    seed=args.seed, data_dir=args.data_dir, split=args.split, metric=args.metric, cache_dir=cache_dir,
@@ -30,9 +35,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from loopgraph.experiments.trace import capture, format_table, write_trace
+    from loopgraph.onnxio import check_output_folder
     spec = spec_from_args(args)
+    if args.output:
+        check_output_folder(args.output, TRACE_FILES, force=args.force)
     trace = capture(args.model, spec, args.prompt, token=args.token, threads=args.threads)
     out = Path(args.output) if args.output else Path(f"trace.{trace.spec.slug()}")
+    check_output_folder(out, TRACE_FILES, force=args.force)  # the default name is known once the range is resolved
     write_trace(trace, out)
     print(format_table(trace))
     return 0
@@ -54,14 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reg", default="uniform", help=f"comma-separated regularizers, optionally with a weight: "
                                                     f"uniform,naive,anchor:0.3,damped:4 (from {', '.join(REGULARIZERS)}; default uniform)")
     p.add_argument("--limit", type=int_arg, help="score N items drawn at random with --seed (default: all)")
-    p.add_argument("--seed", type=int_arg, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
+    p.add_argument("--seed", type=seed_arg, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
     p.add_argument("--data-dir", type=Path, help="benchmarks folder (default: $LOOPGRAPH_DATA, else the samples shipped with loopgraph)")
     p.add_argument("--split", default="dev", choices=["dev", "reported"],
                    help="dev: the tuning _dev file where the data has one (ARC, OpenBookQA), else the task's file; "
                         "reported: the split lm-eval reports (default dev)")
     p.add_argument("--metric", help="acc or acc_norm (default: acc_norm where the task has it, else acc)")
-    p.add_argument("--significance", type=float, default=0.05, help="McNemar level for the marked cells (default 0.05)")
+    p.add_argument("--significance", type=finite_float, default=0.05, help="McNemar level for the marked cells (default 0.05)")
     p.add_argument("-o", "--output", default="sweep-out", help="output folder (default ./sweep-out)")
+    add_force_arg(p, "sweep.csv, sweep.json and heatmaps in the output folder")
     p.add_argument("--cache-dir", help=f"per-item score cache (default {DEFAULT_CACHE})")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="local process pool (default) or Ray")
@@ -87,4 +97,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", type=int, default=-1, help="which token position to follow (default -1, the last)")
     p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads")
     p.add_argument("-o", "--output", help="output folder (default ./trace.<slug>)")
+    add_force_arg(p, "trajectory.png, trace.csv and trace.json in the output folder")
     p.set_defaults(func=cmd_trace)

@@ -156,3 +156,12 @@ def group_units(cells: Sequence[Cell]) -> list[Unit]:
     for c in sorted(cells):
         groups.setdefault(c.unit_key, []).append(c)
     return [Unit(s, e, r, tuple(cs)) for (s, e, r), cs in groups.items()]
+
+
+def format_duration(seconds: float) -> str:
+    """An estimate as a person reads it: seconds, minutes or hours (hours to 0.01 h)."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

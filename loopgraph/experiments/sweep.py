@@ -50,7 +50,7 @@ from loopgraph.eval.metrics import BINARY, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
-from loopgraph.experiments.grid import Cell, Unit, group_units, make_cells, parse_iters, parse_ranges, parse_regs
+from loopgraph.experiments.grid import Cell, Unit, format_duration, group_units, make_cells, parse_iters, parse_ranges, parse_regs
 from loopgraph.experiments.plots import HeatCell, HeatmapTitle, heatmaps
 from loopgraph.exportdir import model_title
 from loopgraph.onnxio import atomic_path
@@ -546,16 +546,10 @@ def format_dry_run(result: SweepResult) -> str:
     todo = result.cells - result.cells_cached
     lines = [f"{result.cells} cells ({result.units} rewrites, one per range and regularizer) on {result.n} items of "
              f"{result.task.name} ({result.split}); {result.cells_cached} already in the cache, {todo} to score",
-             f"estimated time: {_duration(est.get('seconds', 0.0))}"]
+             f"estimated time: {format_duration(est.get('seconds', 0.0))}"]
     if "baseline_tokens_per_s" in est:
         lines.append(f"  (baseline {est['baseline_tokens_per_s']:.0f} tokens/s, rewrite + session {est['rewrite_and_session_s']:.1f} s, "
                      f"{est['jobs']} jobs; {est['note']})")
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

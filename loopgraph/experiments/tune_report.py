@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from loopgraph.errors import LoopgraphError
-from loopgraph.experiments.grid import Cell
+from loopgraph.experiments.grid import Cell, format_duration
 from loopgraph.experiments.search import pairs
 from loopgraph.experiments.tune import Confirmation, TaskTune, TuneResult, _cell_label
 from loopgraph.onnxio import atomic_path
@@ -264,18 +264,12 @@ def format_dry_run(result: TuneResult) -> str:
                   f"    + boundary states: {e['num_blocks']} blocks x the tuning ids x {e['groups_of_starts']} job groups of starts"
                   f" = {e['boundary_block_tokens']:.3g} block-tokens",
                   f"    x {rate * 1e3:.4f} ms per block-token (measured wall: the chain's baseline on 8 items; "
-                  f"{e['cpu_seconds_per_block_token'] * 1e3:.4f} ms of CPU) / {e['workers']} worker(s) = {_duration(e['search_seconds'])}",
+                  f"{e['cpu_seconds_per_block_token'] * 1e3:.4f} ms of CPU) / {e['workers']} worker(s) = {format_duration(e['search_seconds'])}",
                   f"  confirmation: (1 + 2 x {e['confirm']}) graphs x {e['finalist_blocks']:.1f} blocks x the held-out ids"
                   f" = {e['confirm_block_tokens']:.3g} block-tokens, + {2 * e['confirm']} rewrites x {e['rewrite_and_session_s']:.1f} s"
-                  f" = {_duration(e['confirm_seconds'])}",
-                  f"  estimated total: {_duration(e['seconds'])} wall at the measured rate (chain setup {e['chain_setup_s']:.1f} s); "
-                  f"{_duration(e['cpu_seconds'])} of single-thread CPU (what one free core per worker gives)"]
+                  f" = {format_duration(e['confirm_seconds'])}",
+                  f"  estimated total: {format_duration(e['seconds'])} wall at the measured rate (chain setup {e['chain_setup_s']:.1f} s); "
+                  f"{format_duration(e['cpu_seconds'])} of single-thread CPU (what one free core per worker gives)"]
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from loopgraph.cliargs import int_arg
+from loopgraph.cliargs import finite_float, int_arg, seed_arg
 from loopgraph.errors import LoopgraphError
 from loopgraph.runtime.session import add_runtime_args
 
@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int_arg, default=64, help="new tokens per prompt at most (default 64)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat template")
     p.add_argument("--system", help="with --chat: a system message before the prompt")
-    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0); without it decoding is greedy")
-    p.add_argument("--top-p", type=float, help="with --temperature: nucleus sampling mass (0 < p <= 1, default 1)")
-    p.add_argument("--seed", type=int_arg, help="with --temperature: random seed for repeatable sampling")
+    p.add_argument("--temperature", type=finite_float, help="sample with this temperature (> 0); without it decoding is greedy")
+    p.add_argument("--top-p", type=finite_float, help="with --temperature: nucleus sampling mass (0 < p <= 1, default 1)")
+    p.add_argument("--seed", type=seed_arg, help="with --temperature: random seed for repeatable sampling")
     p.add_argument("--iters", type=int_arg, help="N for a file rewritten with --dynamic (default: the value it was written with)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
