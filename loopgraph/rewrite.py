@@ -15,6 +15,7 @@ from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, extern
 from loopgraph.passes.base import Pipeline, Reports
 from loopgraph.passes.blocks import BlockMap, BlocksReport, FindBlocks
 from loopgraph.passes.loop import LoopReport, WrapInLoop
+from loopgraph.passes.skipnorm import SplitSkipNorms
 from loopgraph.passes.unroll import Unroll, UnrollReport
 from loopgraph.spec import LoopSpec
 
@@ -38,8 +39,9 @@ def default_output(src: Path, spec: LoopSpec) -> Path:
 
 
 def pipeline(spec: LoopSpec) -> Pipeline:
-    """The rewrite as data: find the blocks, then loop (or unroll) the range."""
-    return Pipeline([FindBlocks(), Unroll(spec) if spec.unroll else WrapInLoop(spec)])
+    """The rewrite as data: find the blocks, split fused skip-norms at the range's boundaries
+    (model-builder graphs; a no-op otherwise), then loop (or unroll) the range."""
+    return Pipeline([FindBlocks(), SplitSkipNorms(spec), Unroll(spec) if spec.unroll else WrapInLoop(spec)])
 
 
 def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, Reports]:
