@@ -171,3 +171,74 @@ def test_manifest_and_folder(built):
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "config.json"} <= {p.name for p in folder.iterdir()}
     ops = {n.op_type for n in _model(folder / "model.onnx").graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", SKIP_NORM} <= ops
+
+
+STEPS = 6
+PROMPTS = [list(np.random.default_rng(1).integers(3, fixtures.VOCAB, 9)), list(np.random.default_rng(2).integers(3, fixtures.VOCAB, 5))]
+
+
+def genai_greedy(folder: Path, prompts=PROMPTS, steps: int = STEPS) -> list[list[int]]:
+    """onnxruntime-genai greedy on a right-padded batch (genai 0.11's convention; docs/builder.md), exactly ``steps`` tokens."""
+    import json
+
+    import onnxruntime_genai as og
+    model = og.Model(str(folder))
+    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad, np.int32)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = p
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + steps, min_length=width + steps, do_sample=False, batch_size=len(prompts))
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [[int(t) for t in gen.get_sequence(r)][-steps:] for r in range(len(prompts))]
+
+
+def recompute(model: onnx.ModelProto, prompt: list[int], steps: int = STEPS) -> list[int]:
+    """Greedy without a cache: the whole sequence through the same file at every step (empty pasts)."""
+    seq = list(prompt)
+    for _ in range(steps):
+        out = logits(model, np.array([seq], np.int64), np.ones((1, len(seq)), np.int64))
+        seq.append(int(out[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("reg", ["uniform", "anchor"])
+def test_genai_generates_the_looped_folder_with_exact_kv(case, built, tmp_path, reg):
+    import json
+    arch, precision, _ = case
+    src = built(arch, precision)
+    out = rewrite(src / "model.onnx", LoopSpec(1, 3, iters=3, reg=reg), f"{tmp_path}/looped/", copy_weights=True).path.parent
+    cfg = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert cfg["num_hidden_layers"] == 4 + 2 * 2, cfg  # V = L + (N - 1)(E - S)
+    assert "position_ids" not in cfg["inputs"], "the builder's config is kept: its graph takes no position_ids"
+    looped = _model(out / "model.onnx")
+    tokens = genai_greedy(out)
+    want = [recompute(looped, p) for p in PROMPTS]
+    assert tokens == want, f"{arch} {precision} {reg}: genai {tokens} != no-cache recompute {want} (CPU EP)"
+
+
+@pytest.fixture(scope="session")
+def smol_int4() -> Path:
+    """The real SmolLM2-135M through the builder at int4 (marked tests only; made once per cache key)."""
+    from tests.conftest import ROOT
+    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"builder-int4-{fixtures.cache_key()}"
+    if not (out / "model.onnx").is_file():
+        from loopgraph.exporters.export import export
+        export("smollm2-135m", out, builder="genai", precision="int4", force=True, say=lambda m: None)
+    return out
+
+
+@pytest.mark.real
+def test_real_smollm2_builder_int4_looped_says_paris(smol_int4, tmp_path):
+    from transformers import AutoTokenizer
+    out = rewrite(smol_int4 / "model.onnx", LoopSpec(10, 20, iters=3, reg="uniform"), f"{tmp_path}/looped/", copy_weights=True).path.parent
+    tok = AutoTokenizer.from_pretrained(str(smol_int4))  # genai's tokenizer misreads this GGUF-converted tokenizer.json
+    prompt = tok("The capital of France is")["input_ids"]
+    tokens = genai_greedy(out, [prompt], steps=4)[0]
+    text = tok.decode(tokens)
+    assert "Paris" in text, f"builder int4 looped 10:20 x3 uniform said {text!r} (onnxruntime-genai, CPU)"
+    assert tokens == recompute(_model(out / "model.onnx"), prompt, 4), "genai tokens != the no-cache recompute of the same file"
