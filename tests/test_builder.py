@@ -106,6 +106,15 @@ def test_n1_is_bit_exact_and_only_the_boundaries_are_split(case, rng):
     assert [n.op_type for n in nodes].count(SKIP_NORM) == 8, "the other skip-norms stay fused"
 
 
+def test_unrolled_equals_the_loop(case):
+    arch, precision, model = case
+    for n in (1, 3):
+        loop = logits(rewrite(model, LoopSpec(1, 3, iters=n, reg="uniform", kv="first")).model)
+        unrolled = logits(rewrite(model, LoopSpec(1, 3, iters=n, reg="uniform", kv="first", unroll=True)).model)
+        err = np.abs(loop - unrolled).max()
+        assert err == 0.0, f"{arch} {precision} N={n}: unrolled vs Loop max|Δ| {err} (CPU EP, {THREADS} thread, want 0.0)"
+
+
 def test_looped_matches_the_pytorch_reference(case, hf_model_dir):
     arch, precision, model = case
     hf = hf_model_dir(arch)
