@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loopgraph.deploy.cli",
     "loopgraph.eval.cli",
     "loopgraph.experiments.cli",
+    "loopgraph.experiments.tune_cli",
 )
 
 

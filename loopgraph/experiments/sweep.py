@@ -185,33 +185,36 @@ def run_job(job: Job) -> JobResult:
 # --- executors --------------------------------------------------------------------------------
 
 def execute(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], *, executor: str = "local", workers: int = 1,
-            ray_address: str | None = None) -> None:
+            ray_address: str | None = None, fn: Callable | None = None) -> None:
     """Run ``jobs`` and call ``on_result`` in the driver as each finishes (in completion order).
 
     ``local``: in this process when ``workers == 1``, else a process pool (spawned processes,
     ``workers`` of them). ``ray``: one Ray task per job asking for ``job.threads`` CPUs, on the
     running Ray instance if this process has one, else on ``ray_address`` (``auto``, ``ray://...``),
-    else on a local instance of ``workers`` CPUs that is shut down afterwards."""
+    else on a local instance of ``workers`` CPUs that is shut down afterwards. ``fn``: the
+    worker's entry point (default :func:`run_job`; ``tune`` passes its own, a module-level function)."""
+    fn = fn or run_job
     if executor not in EXECUTORS:
         raise LoopgraphError(f"--executor {executor!r}: choose local or ray")
     if workers < 1:
         raise LoopgraphError(f"--workers {workers} must be at least 1")
     if executor == "ray":
-        _execute_ray(jobs, on_result, workers, ray_address)
+        _execute_ray(jobs, on_result, workers, ray_address, fn)
     elif workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            on_result(job, run_job(job))
+            on_result(job, fn(job))
     else:
         import concurrent.futures as cf
         import multiprocessing
         # spawn, not fork: the driver may hold ORT thread pools, which do not survive a fork
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job): job for job in jobs}
+            futures = {pool.submit(fn, job): job for job in jobs}
             for future in cf.as_completed(futures):
                 on_result(futures[future], future.result())
 
 
-def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, address: str | None) -> None:
+def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, address: str | None,
+                 fn: Callable = run_job) -> None:
     try:
         import ray
     except ImportError:
@@ -226,7 +229,7 @@ def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None
                                  "for a local instance") from None
         started = True
     try:
-        task = ray.remote(run_job)
+        task = ray.remote(fn)
         refs = {task.options(num_cpus=job.threads or 1).remote(job): job for job in jobs}
         pending = list(refs)
         while pending:
