@@ -32,8 +32,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from loopgraph.exporters.export import export
     export(args.model, args.output, with_past=args.with_past, opset=args.opset, force=args.force,
            builder=args.builder, precision=args.precision, execution_provider=args.execution_provider,
-           say=lambda m: print(m, file=sys.stderr))
+           builder_options=_builder_options(args.builder_option), say=lambda m: print(m, file=sys.stderr))
     return 0
+
+
+def _builder_options(items: list[str] | None) -> dict[str, str]:
+    from loopgraph.exporters.genai_builder import parse_options
+    return parse_options(items)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -82,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "skip-norm graph + genai_config.json; always with KV cache) instead of Optimum; needs the [genai] extra")
     p.add_argument("--precision", default="fp32", help="--builder genai: int4, fp16 (cuda) or fp32 (default)")
     p.add_argument("--execution-provider", default="cpu", help="--builder genai: cpu (default) or cuda")
+    p.add_argument("--builder-option", action="append", metavar="KEY=VALUE",
+                   help="--builder genai: an extra builder option, e.g. int4_algo_config=k_quant_mixed (repeatable)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",

@@ -232,12 +232,14 @@ def test_genai_generates_the_looped_folder_with_exact_kv(case, built, tmp_path, 
 
 @pytest.fixture(scope="session")
 def smol_int4() -> Path:
-    """The real SmolLM2-135M through the builder at int4 (marked tests only; made once per cache key)."""
+    """The real SmolLM2-135M through the builder at int4, k-quant mixed int4/int8 (marked tests only; made once
+    per cache key). The default int4 (RTN) build no longer answers "Paris", even unlooped (docs/builder.md)."""
     from tests.conftest import ROOT
-    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"builder-int4-{fixtures.cache_key()}"
+    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"builder-int4kq-{fixtures.cache_key()}"
     if not (out / "model.onnx").is_file():
         from loopgraph.exporters.export import export
-        export("smollm2-135m", out, builder="genai", precision="int4", force=True, say=lambda m: None)
+        export("smollm2-135m", out, builder="genai", precision="int4", builder_options={"int4_algo_config": "k_quant_mixed"},
+               force=True, say=lambda m: None)
     return out
 
 

@@ -79,7 +79,7 @@ def _gguf_to_hf(gguf: Path, dest: Path, say: Callable[[str], None]) -> None:
 
 def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: int = 18, force: bool = False,
            builder: str | None = None, precision: str = "fp32", execution_provider: str = "cpu",
-           say: Callable[[str], None] = print) -> dict[str, Any]:
+           builder_options: dict[str, str] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Export ``source`` to ``out_dir``; return the manifest written there. ``builder="genai"``
     runs onnxruntime-genai's model builder instead of Optimum (:mod:`loopgraph.exporters.genai_builder`;
     its graphs always have a KV cache, ``precision``/``execution_provider`` are its options)."""
@@ -125,7 +125,7 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
             if builder:
                 say(f"[2/3] building with onnxruntime-genai's model builder ({precision}, {execution_provider})")
                 from loopgraph.exporters.genai_builder import build
-                build(hf_dir, staging, precision, execution_provider, say)
+                build(hf_dir, staging, precision, execution_provider, say, builder_options)
             else:
                 _optimum_export(source, hf_dir, staging, with_past, opset, say)
             say(f"      done in {time.time() - t1:.1f} s")
@@ -138,7 +138,8 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
             "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
             "with_past": with_past,
             "opset": _opset(staging / "model.onnx") if builder else opset,
-            **({"builder": "genai", "precision": precision, "execution_provider": execution_provider} if builder else {}),
+            **({"builder": "genai", "precision": precision, "execution_provider": execution_provider,
+                "builder_options": builder_options or {}} if builder else {}),
             "versions": package_versions(_VERSIONED),
             "export_seconds": round(time.time() - t0, 1),
         }

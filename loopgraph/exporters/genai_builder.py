@@ -6,6 +6,11 @@ The model builder (``onnxruntime_genai.models.builder.create_model``, onnxruntim
 ``RotaryEmbedding`` and, at int4, ``MatMulNBits``; beside it ``genai_config.json`` and the tokenizer.
 It runs offline here: the input is a local folder and Hugging Face authentication is off.
 
+Builder options (``extra_options``: ``int4_algo_config``, ``int4_block_size``, ``int4_accuracy_level``, ...)
+pass through as ``KEY=VALUE`` strings. SmolLM2-135M at the default int4 (RTN, block 32, int8 activations)
+no longer answers "Paris" to "The capital of France is" (it says " approximately 315 kilometres"); with
+``int4_algo_config=k_quant_mixed`` (int4 + int8 k-quant) it does (measured; docs/builder.md).
+
 Handled: precisions ``int4`` and ``fp32`` for the CPU execution provider, ``int4``, ``fp16`` and
 ``fp32`` for CUDA. Refused (one-line error): any other pair (the builder writes fp16 I/O with
 CUDA-only kernels in mind; ``bf16`` is a CUDA-only precision), and an architecture the builder does
@@ -44,7 +49,21 @@ def check_options(precision: str, execution_provider: str) -> None:
                              f"(or --execution-provider cuda)")
 
 
-def build(hf_dir: Path, out: Path, precision: str, execution_provider: str, say: Callable[[str], None]) -> None:
+def parse_options(items: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` builder options (``--builder-option int4_algo_config=k_quant_mixed``), passed to the builder as is."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LoopgraphError(f"--builder-option {item!r} is not KEY=VALUE (e.g. int4_algo_config=k_quant_mixed)")
+        if key.strip() in ("hf_token", "hf_remote", "filename", "config_only"):
+            raise LoopgraphError(f"--builder-option {key.strip()} is set by loopgraph (offline, model.onnx); leave it out")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build(hf_dir: Path, out: Path, precision: str, execution_provider: str, say: Callable[[str], None],
+          options: dict[str, str] | None = None) -> None:
     """Run the model builder on ``hf_dir``, writing ``out/model.onnx`` (+ ``model.onnx.data``),
     ``genai_config.json`` and the tokenizer files; config.json and generation_config.json are copied
     too (the reference, ``verify`` and the runnable-folder writer read them)."""
@@ -60,9 +79,9 @@ def build(hf_dir: Path, out: Path, precision: str, execution_provider: str, say:
         # the builder prints every layer it writes and a progress bar per weight
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             create_model("", str(hf_dir), str(out), precision, execution_provider, str(cache),
-                         hf_token="false", hf_remote="false")
-    except NotImplementedError as e:
-        raise LoopgraphError(f"the model builder cannot build {hf_dir}: {e}") from None
+                         **(options or {}), hf_token="false", hf_remote="false")
+    except (NotImplementedError, ValueError) as e:
+        raise LoopgraphError(f"the model builder cannot build {hf_dir}: {str(e).splitlines()[0]}") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     for name in ("config.json", "generation_config.json"):
@@ -70,4 +89,4 @@ def build(hf_dir: Path, out: Path, precision: str, execution_provider: str, say:
             shutil.copyfile(hf_dir / name, out / name)
     if not (out / "model.onnx").is_file() or not (out / "genai_config.json").is_file():
         raise RuntimeError(f"the model builder wrote no model.onnx/genai_config.json into {out}:\n{log.getvalue()[-2000:]}")
-    say(f"      model builder: {precision}, {execution_provider}")
+    say(f"      model builder: {precision}, {execution_provider}{''.join(f', {k}={v}' for k, v in (options or {}).items())}")
