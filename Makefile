@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/smollm2
-EXTRAS ?= cpu,export,test,view,experiments
+EXTRAS ?= cpu,export,test,view,experiments,genai
 
 .PHONY: install demo test lint clean
 

@@ -4,7 +4,8 @@
 #   2. takes the tiny and real models from MODELS_DIR or exports them (needs the `export` wheels),
 #   3. on the CUDA EP (and the TensorRT EP when ORT has it) runs rewrite + verify + generate and prints
 #      parity against ORT on CPU, latency of original vs looped (prefill of 512 tokens, per-token decode
-#      with the KV cache on the device), and whether ORT placed Memcpy nodes inside the Loop body,
+#      with the KV cache on the device; the stacked KV layout and the standard layout, Loop and
+#      unrolled), and whether ORT placed Memcpy nodes inside the Loop body,
 #   4. runs benchmarks/trt_engine_check.py when `import tensorrt` works.
 #
 #   benchmarks/gpu_check.sh WHEELS_DIR [MODELS_DIR]
@@ -237,14 +238,16 @@ def decode_latency(path: Path, base: Path, past: int = 512, steps: int = 32) -> 
 try:
     # -- tiny: exact-KV generation and verify --
     tiny, tiny_past = folder("tiny-llama"), folder("tiny-llama-past")
-    spec = LoopSpec(0, 2, iters=3, reg="uniform", kv="exact")
+    spec = LoopSpec(0, 2, iters=3, reg="uniform", kv="stacked")
     if tiny_past:
-        path = looped(tiny_past, spec, "looped-exact.onnx")
+        path = looped(tiny_past, spec, "looped-stacked.onnx")
+        standard = looped(tiny_past, LoopSpec(0, 2, iters=3, reg="uniform", kv="exact"), "looped-standard.onnx")
         prompts = [[5, 17, 40, 33, 101, 7], [12, 300]]
         if dev == "tensorrt":
             print("  tiny generation: skipped on TensorRT (every decode step changes the past length: an engine rebuild per step)")
         else:
-            parity("tiny llama 0:2x3 exact KV", path, tiny_past, prompts, 16, 1e-4)
+            parity("tiny llama 0:2x3 stacked KV", path, tiny_past, prompts, 16, 1e-4)
+            parity("tiny llama 0:2x3 standard-layout KV", standard, tiny_past, prompts, 16, 1e-4)
     if tiny:
         path = looped(tiny, spec, "looped.onnx")
         try:
@@ -257,7 +260,7 @@ try:
 
     # -- real SmolLM2: verify, parity of generation, latency, Memcpy placement --
     real, real_past = folder("smollm2"), folder("smollm2-past")
-    spec = LoopSpec(10, 20, iters=3, reg="uniform", kv="exact")
+    spec = LoopSpec(10, 20, iters=3, reg="uniform", kv="stacked")
     if real and left() > 150:
         path = looped(real, spec, "looped.onnx")
         try:
@@ -274,16 +277,26 @@ try:
     elif real:
         print(f"  SmolLM2 plain checks skipped: {left():.0f} s of the budget left")
     if real_past and left() > 90:
-        path = looped(real_past, spec, "looped-exact.onnx")
+        path = looped(real_past, spec, "looped-stacked.onnx")
         if dev == "tensorrt":
             print("  SmolLM2 generation and decode latency: skipped on TensorRT (an engine rebuild per decode step)")
         else:
             tok = TextTokenizer.from_folder(real_past)
             prompts = [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]), tok.encode("def fibonacci(n):")]
-            parity("SmolLM2 10:20x3 exact KV", path, real_past, prompts, 32, 1e-3)
+            parity("SmolLM2 10:20x3 stacked KV", path, real_past, prompts, 32, 1e-3)
             o, lp = decode_latency(real_past / "model.onnx", real_past), decode_latency(path, real_past)
             print(f"  decode per token after 512 tokens (KV cache on the device): original {1000 * o:.2f} ms, looped {1000 * lp:.2f} ms ({lp / o:.2f}x)")
             memcpy_report(path)
+            if left() > 60:  # the standard layout (--kv exact: one rank-4 pair per virtual layer), Loop and unrolled
+                for form, unroll in (("Loop", False), ("unrolled", True)):
+                    std = looped(real_past, LoopSpec(10, 20, iters=3, reg="uniform", kv="exact", unroll=unroll), f"looped-standard-{form}.onnx")
+                    parity(f"SmolLM2 10:20x3 standard-layout KV ({form})", std, real_past, prompts, 32, 1e-3)
+                    s_ = decode_latency(std, real_past)
+                    print(f"  decode per token after 512 tokens, standard layout ({form}): {1000 * s_:.2f} ms "
+                          f"({s_ / lp:.2f}x the stacked file, {s_ / o:.2f}x the original)")
+                    memcpy_report(std)
+            else:
+                print(f"  SmolLM2 standard-layout checks skipped: {left():.0f} s of the budget left")
             cli = subprocess.run([sys.executable, "-m", "loopgraph.cli", "generate", str(path), "--chat", "--device", dev, "--strict-device",
                                   "-p", "What is the capital of France?", "--max-new-tokens", "24"], capture_output=True, text=True)
             print(f"  loopgraph generate --chat (exit {cli.returncode}): {cli.stdout.strip()!r}\n    {cli.stderr.strip()[-300:]}")

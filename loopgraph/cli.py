@@ -46,7 +46,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from loopgraph.rewrite import rewrite
     t0 = time.time()
     spec = spec_from_args(args)
-    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights)
+    result = rewrite(args.model, spec, args.output, copy_weights=args.copy_weights, force=args.force)
     s = result.spec
     report = result.report
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file of an export")
     add_spec_args(p)
     add_form_args(p)
-    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx)")
+    p.add_argument("-o", "--output", help="output .onnx (default: next to the input, e.g. model.loop10-20x3-uniform.onnx), or a folder "
+                                          "(ending in / or existing): a runnable folder for Optimum and onnxruntime-genai")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--copy-weights", action="store_true", help="copy external weight files when writing to another folder")
     p.set_defaults(func=cmd_rewrite)
 

@@ -43,7 +43,9 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def add_form_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The ``graph form`` option group of ``rewrite``: KV scheme, dynamic N, noise control, unroll, trace outputs."""
     g = parser.add_argument_group("graph form")
-    g.add_argument("--kv", default="exact", choices=list(KV_MODES), help="KV-cache scheme for with-past exports")
+    g.add_argument("--kv", default="exact", choices=list(KV_MODES),
+                   help="KV cache of with-past exports: exact (default; one ordinary pair per virtual layer, runs under Optimum and "
+                        "onnxruntime-genai), stacked (rank-5 per-iteration caches; the one --dynamic allows), first/last (approximations)")
     g.add_argument("--dynamic", action="store_true", help="make N (and alpha/K) graph inputs with the given values as defaults")
     g.add_argument("--noise-control", type=int_arg, metavar="SEED",
                    help="control variant: replace the loop's shift by pseudo-random noise of the same per-token norm")

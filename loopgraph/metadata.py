@@ -4,11 +4,14 @@ Keys loopgraph writes (all under ``loopgraph.``):
 
 - ``loopgraph.spec``: the :class:`~loopgraph.spec.LoopSpec` of the rewrite, as JSON;
 - ``loopgraph.source``: where the original model lives, relative to the rewritten file;
-- ``loopgraph.version`` and ``loopgraph.blocks``: the tool's version and the model's block count.
+- ``loopgraph.version`` and ``loopgraph.blocks``: the tool's version and the model's block count;
+- ``loopgraph.virtual_layers``: for a standard-layout KV cache (``--kv exact``), the map of cache
+  pair v -> ``[block, iteration]`` (JSON list, execution order; iteration 0-based).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 
 import onnx
@@ -20,6 +23,7 @@ SPEC_KEY = "loopgraph.spec"
 SOURCE_KEY = "loopgraph.source"
 VERSION_KEY = "loopgraph.version"
 BLOCKS_KEY = "loopgraph.blocks"
+VIRTUAL_LAYERS_KEY = "loopgraph.virtual_layers"
 
 
 def props(model: onnx.ModelProto) -> dict[str, str]:
@@ -46,6 +50,18 @@ def read_spec(model: onnx.ModelProto | Mapping[str, str]) -> LoopSpec | None:
         return LoopSpec.from_json(raw)
     except (ValueError, TypeError, KeyError) as e:
         raise LoopgraphError(f"the model's {SPEC_KEY} metadata is not a valid rewrite record ({e}); "
+                             "rewrite the original export again") from None
+
+
+def read_virtual_layers(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
+    """The virtual-layer map (v -> (block, iteration)) of a standard-layout rewrite, or None."""
+    raw = props(model).get(VIRTUAL_LAYERS_KEY)
+    if raw is None:
+        return None
+    try:
+        return [(int(b), int(t)) for b, t in json.loads(raw)]
+    except (ValueError, TypeError) as e:
+        raise LoopgraphError(f"the model's {VIRTUAL_LAYERS_KEY} metadata is not a list of [block, iteration] ({e}); "
                              "rewrite the original export again") from None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx
 
+from loopgraph.deploy.folder import is_folder_output, write_folder
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import SOURCE_KEY
 from loopgraph.onnxio import atomic_path, attach_weights, detach_weights, external_locations, load_model, resolve_model_path, save_model
@@ -52,13 +53,15 @@ def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelPro
 
 
 def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: str | os.PathLike | None = None,
-            *, copy_weights: bool = False) -> RewriteResult:
+            *, copy_weights: bool = False, force: bool = False) -> RewriteResult:
     """Rewrite ``model`` (a ModelProto, or a path to an .onnx file) according to ``spec``.
 
     For a ModelProto the result holds the new model and nothing is written. For a path the
     result is written to ``output`` (default: next to the input, e.g.
     ``model.loop10-20x3-uniform.onnx``) through a temporary file; weights are never loaded
-    when they are external data, and are never stored twice."""
+    when they are external data, and are never stored twice. An ``output`` that ends in ``/``
+    or is an existing folder gets a runnable folder (:mod:`loopgraph.deploy.folder`; ``force``
+    replaces a non-empty one)."""
     if isinstance(model, onnx.ModelProto):
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -68,6 +71,8 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
         return RewriteResult(new, None, resolved, blocks, reports)
 
     src = resolve_model_path(model)
+    if is_folder_output(output):  # a runnable folder (loopgraph.deploy.folder): model.onnx + config, tokenizer, genai_config
+        return write_folder(src, Path(output), force, lambda path: rewrite(src, spec, path, copy_weights=copy_weights))
     loaded = load_model(src)  # checks external data, never reads it
     out = Path(output) if output is not None else None
     locations = external_locations(loaded)

@@ -38,7 +38,10 @@ from loopgraph.regularizers import ALL, regularizer
 
 #: regularizer name -> the parameter it takes (None, "alpha" or "k"), from their definitions
 REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
-KV_MODES = ("exact", "first", "last")
+#: with-past exports: ``exact`` one ordinary cache pair per virtual layer (the standard layout, what
+#: stock drivers run); ``stacked`` rank-5 per-iteration caches (the one that allows ``dynamic``);
+#: ``first``/``last`` one cache per block, an approximation (see :mod:`loopgraph.passes.kv`)
+KV_MODES = ("exact", "stacked", "first", "last")
 MAX_ITERS = 64
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")

@@ -76,6 +76,16 @@ def encode(folder: Path, texts: Sequence[str], vocab_size: int) -> tuple[np.ndar
     return left_pad(seqs)
 
 
+def run_logits(session, folder: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of a prompt batch; a with-past file gets zero-length pasts in its own layout (standard,
+    stacked or first/last: :class:`loopgraph.runtime.generate.CausalLM` reads it from the session)."""
+    feeds = feeds_for(ids, mask)
+    if any(name.startswith("past_key_values.") for name in session.inputs):
+        from loopgraph.runtime.generate import open_lm
+        feeds.update(open_lm(session, folder).initial_past(len(ids)))
+    return session.run(feeds, ["logits"])["logits"]
+
+
 def check_prompts(label: str, got: np.ndarray, ref: np.ndarray, mask: np.ndarray, atol: float, rtol: float,
                   provider: str) -> PromptCheck:
     """``got`` against ``ref`` (logits [batch, seq, vocab]) where ``mask`` is 1."""
@@ -115,7 +125,7 @@ def verify(looped: str | os.PathLike, reference: str | os.PathLike | None = None
     comparisons = []
     batches = [(", ".join(repr(t[:24]) for t in group), *encode(path.parent, group, hf.config.vocab_size)) for group in prompts]
     for label, ids, mask in batches:
-        got = session.run(feeds_for(ids, mask), ["logits"])["logits"]
+        got = run_logits(session, path.parent, ids, mask)
         ref = reference_logits(hf, spec, ids, mask).numpy()
         comparisons.append(check_prompts(label, got, ref, mask, atol, rtol, provider))
 
@@ -139,7 +149,7 @@ def n1_max_abs(original: Path, spec: LoopSpec, batches: Sequence[tuple[np.ndarra
     try:
         rewrite(original, one, output=tmp)
         s1, s0 = (open_session(m, device=device, threads=threads) for m in (tmp, original))
-        return max(compare(s1.run(feeds_for(ids, mask), ["logits"]), s0.run(feeds_for(ids, mask), ["logits"]),
+        return max(compare({"logits": run_logits(s1, original.parent, ids, mask)}, {"logits": run_logits(s0, original.parent, ids, mask)},
                            atol=0.0, rtol=0.0, provider=s1.providers[0])["logits"].max_abs for ids, mask in batches)
     finally:
         os.unlink(tmp)

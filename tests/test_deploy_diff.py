@@ -119,12 +119,12 @@ def test_diff_cli(tiny, tmp_path):
 
 def test_kv_cache_rewrite(tiny):
     original = load_model(tiny("llama", with_past=True) / "model.onnx")
-    looped = rewrite(original, LoopSpec(1, 3, iters=3, kv="exact")).model
+    looped = rewrite(original, LoopSpec(1, 3, iters=3, kv="stacked")).model
     d = diff_models(original, looped)
     loop = d.to_dict()["loops"][0]
-    assert (loop["start"], loop["end"], loop["iters"], loop["kv"], loop["source"]) == (1, 3, 3, "exact", "loopgraph.spec"), loop
+    assert (loop["start"], loop["end"], loop["iters"], loop["kv"], loop["source"]) == (1, 3, 3, "stacked", "loopgraph.spec"), loop
     lines = d.format_text().splitlines()
-    assert any(x.startswith("  body: ") and x.endswith(", 1 carried value(s), 4 scan output(s); KV cache: exact") for x in lines), lines
+    assert any(x.startswith("  body: ") and x.endswith(", 1 carried value(s), 4 scan output(s); KV cache: stacked") for x in lines), lines
     assert "    KV cache: 4 (Gather 4)" in lines  # Gather(past, iteration) for blocks 1 and 2, key and value
     assert ("  ~ past_key_values.1.key: float32 [batch_size, 2, past_sequence_length, 16] -> "
             "float32 [3, batch_size, 2, past_sequence_length, 16]") in lines

@@ -153,7 +153,7 @@ def test_check_cli_exit_codes_and_inspect_line(tiny, tmp_path):
     assert "  TensorRT: ready (details: loopgraph check --target tensorrt)" in inspected.stdout.splitlines()
 
 
-@pytest.mark.parametrize("kv", ["exact", "first"])
+@pytest.mark.parametrize("kv", ["stacked", "first"])
 def test_kv_cache_rewrites(tiny, kv):
     """Per-iteration KV caches are Loop scan outputs: fine with a baked N, flagged with --dynamic."""
     original = load_model(tiny("llama", with_past=True) / "model.onnx")

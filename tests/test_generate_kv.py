@@ -1,6 +1,7 @@
 """Generation with looped with-past rewrites (tiny Llama and GPT-2, CPU provider, one thread).
 
-``kv="exact"`` must decode like a no-cache recompute of the same looped model: greedy, 16 tokens,
+``kv="stacked"`` (rank-5 per-iteration caches; the standard layout: test_pipelines.py) must decode like a no-cache
+recompute of the same looped model: greedy, 16 tokens,
 a left-padded batch of 2, every regularizer on both architectures, ranges that start at block 0,
 cover the full depth, sit in the middle or hold only the last block. Tokens equal, next-token
 logits within 1e-5 at every step, against the looped plain export (ONNX) and against the PyTorch
@@ -31,8 +32,8 @@ def _looped(folder, spec: LoopSpec) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("arch, reg, range_", CASES)
-def test_exact_kv_equals_no_cache_recompute(tiny, hf_model, arch, reg, range_):
-    spec = LoopSpec(*parse_range(range_), iters=3, reg=reg, kv="exact").resolve(4)
+def test_stacked_kv_equals_no_cache_recompute(tiny, hf_model, arch, reg, range_):
+    spec = LoopSpec(*parse_range(range_), iters=3, reg=reg, kv="stacked").resolve(4)
     past_folder = tiny(arch, with_past=True)
     cached_lm = lm_for(_looped(past_folder, spec), past_folder)
     looped_layers = set(range(spec.start, spec.end))
@@ -51,7 +52,7 @@ def test_exact_kv_equals_no_cache_recompute(tiny, hf_model, arch, reg, range_):
 def test_exact_kv_n1_is_the_original_bit_for_bit(tiny, arch):
     folder = tiny(arch, with_past=True)
     original = greedy(lm_for(folder / "model.onnx", folder))
-    one = greedy(lm_for(_looped(folder, LoopSpec(0, 3, iters=1, reg="uniform", kv="exact")), folder))
+    one = greedy(lm_for(_looped(folder, LoopSpec(0, 3, iters=1, reg="uniform", kv="stacked")), folder))
     assert one.tokens == original.tokens
     worst = max(float(np.abs(a - b).max()) for a, b in zip(one.step_logits, original.step_logits))
     assert worst == 0.0, f"N = 1 exact-KV rewrite vs original: max |Δlogits| = {worst:.3g}, expected bit-exact (CPU provider)"
@@ -60,7 +61,7 @@ def test_exact_kv_n1_is_the_original_bit_for_bit(tiny, arch):
 def test_dynamic_iters_feed_sizes_the_cache(tiny):
     """A --dynamic exact file fed N = 2 (loopgraph/iters) decodes like a file baked with N = 2."""
     folder = tiny("llama", with_past=True)
-    spec = LoopSpec(1, 3, iters=3, reg="ema", kv="exact", dynamic=True)
+    spec = LoopSpec(1, 3, iters=3, reg="ema", kv="stacked", dynamic=True)
     dynamic = _looped(folder, spec)
     assert {s.shape[0] for s in lm_for(dynamic, folder).slots if len(s.shape) == 5} == {3}  # default N: the spec's
     fed = lm_for(dynamic, folder, iters=2)

@@ -4,6 +4,7 @@ of loopgraph's generator): exact caches equal a no-cache recompute of the same l
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import onnx
@@ -82,21 +83,49 @@ def test_exact_cache_equals_recompute(models, reg, rng):
     assert err <= ATOL, f"{reg} {rng}: max|Δ| {err:.3g} > {ATOL} (CPU EP)"
 
 
-def test_exact_cache_structure(models):
+def _io_shapes(model) -> dict[str, list]:
+    return {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in list(model.graph.input) + list(model.graph.output)}
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_standard_cache_structure(models, unroll):
+    """V = 4 + 2 * 2 = 8 ordinary pairs numbered in execution order, in order, and the map recorded."""
     past_model, _ = models
-    model = rewrite(past_model, LoopSpec(1, 3, iters=3, kv="exact")).model
+    model = rewrite(past_model, LoopSpec(1, 3, iters=3, kv="exact", unroll=unroll)).model
     onnx.checker.check_model(model, full_check=True)
-    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in list(model.graph.input) + list(model.graph.output)}
+    shapes = _io_shapes(model)
+    pasts = [v.name for v in model.graph.input if v.name.startswith("past_key_values.")]
+    presents = [v.name for v in model.graph.output if v.name.startswith("present.")]
+    assert pasts == [f"past_key_values.{v}.{k}" for v in range(8) for k in ("key", "value")]
+    assert presents == [f"present.{v}.{k}" for v in range(8) for k in ("key", "value")]
+    assert all(len(shapes[n]) == 4 for n in pasts + presents)
+    assert shapes["past_key_values.7.key"] == shapes["past_key_values.0.key"]  # block 3 renumbered 3 -> 7
+    vmap = json.loads({p.key: p.value for p in model.metadata_props}["loopgraph.virtual_layers"])
+    assert vmap == [[0, 0], [1, 0], [2, 0], [1, 1], [2, 1], [1, 2], [2, 2], [3, 0]]
+    if unroll:  # each copy writes its own present: no Identity, Concat or Split for the cache
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        assert {producers[n] for n in presents} == {producers["present.0.key"]}
+    else:  # the Loop carries N slots per looped cache tensor and outputs every iteration's present
+        loop = next(n for n in model.graph.node if n.op_type == "Loop")
+        want = [f"present.{v}.{k}" for b in (1, 2) for k in ("key", "value") for v in (b, b + 2, b + 4)]  # v(b, t) = b + 2t
+        assert [o for o in loop.output if o.startswith("present.")] == want
+
+
+def test_stacked_cache_structure(models):
+    past_model, _ = models
+    model = rewrite(past_model, LoopSpec(1, 3, iters=3, kv="stacked")).model
+    onnx.checker.check_model(model, full_check=True)
+    shapes = _io_shapes(model)
     assert len(shapes["past_key_values.1.key"]) == 5 and shapes["past_key_values.1.key"][0] == 3
     assert len(shapes["present.2.value"]) == 5 and shapes["present.2.value"][0] == 3
     assert len(shapes["past_key_values.0.key"]) == 4 and len(shapes["present.3.key"]) == 4  # blocks outside the range
 
 
-@pytest.mark.parametrize("kv", ["exact", "first", "last"])
-def test_n1_with_past_is_bit_exact(models, kv):
+@pytest.mark.parametrize("kv, unroll", [("exact", False), ("exact", True), ("stacked", False), ("first", False), ("last", False)])
+def test_n1_with_past_is_bit_exact(models, kv, unroll):
     past_model, _ = models
     want_tokens, want = _decode_cached(past_model, 1)
-    tokens, got = _decode_cached(rewrite(past_model, LoopSpec(0, 4, iters=1, kv=kv)).model, 1)
+    tokens, got = _decode_cached(rewrite(past_model, LoopSpec(0, 4, iters=1, kv=kv, unroll=unroll)).model, 1)
     assert tokens == want_tokens and np.array_equal(got, want)
 
 
@@ -115,7 +144,7 @@ def test_first_last_keep_the_original_interface_and_drift(models, kv):
 
 def test_dynamic_exact_cache(models):
     past_model, plain = models
-    dyn = rewrite(past_model, LoopSpec(0, 4, iters=3, reg="uniform", kv="exact", dynamic=True)).model
+    dyn = rewrite(past_model, LoopSpec(0, 4, iters=3, reg="uniform", kv="stacked", dynamic=True)).model
     for n in (2, 4):
         tokens, logits = _decode_cached(dyn, n, extra={ITERS_NAME: np.array(n, np.int64)})
         want_tokens, want = _decode_recompute(rewrite(plain, LoopSpec(0, 4, iters=n, reg="uniform")).model)

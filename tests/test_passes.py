@@ -58,12 +58,13 @@ def _reg_np(spec: LoopSpec, t: int, ys: list[np.ndarray], x_prev: np.ndarray) ->
 
 
 def _looped_np(spec: LoopSpec, x: np.ndarray, pasts: dict | None = None) -> dict[str, np.ndarray]:
-    """The looped toy in numpy: logits, and the presents (stacked per iteration for ``exact``)."""
+    """The looped toy in numpy: logits, and the presents (stacked per iteration for ``exact`` and
+    ``stacked``; :func:`_standard` renames them into the standard layout)."""
     w, out, h = {k: v.astype(np.float64) for k, v in toy.weights().items()}, {}, x.astype(np.float64)
     def cache(L: int, t: int):
         if pasts is None:
             return None
-        return (pasts[L][0][t], pasts[L][1][t]) if spec.kv == "exact" and spec.start <= L < spec.end else pasts[L]
+        return (pasts[L][0][t], pasts[L][1][t]) if spec.kv in ("exact", "stacked") and spec.start <= L < spec.end else pasts[L]
 
     for L in range(spec.start):
         h, out[L] = toy.block_np(L, h, w, cache(L, 0))
@@ -88,13 +89,31 @@ def _looped_np(spec: LoopSpec, x: np.ndarray, pasts: dict | None = None) -> dict
 
 
 def _past_feeds(spec: LoopSpec) -> tuple[dict, dict]:
-    """Random pasts: [N, batch, past, hidden] for the looped blocks with ``exact``, else [batch, past, hidden]."""
+    """Random pasts: [N, batch, past, hidden] for the looped blocks with ``exact``/``stacked``, else
+    [batch, past, hidden] (the feeds of ``exact``: :func:`_standard`)."""
     pasts, feeds = {}, {}
     for L in range(toy.BLOCKS):
-        lead = (spec.iters,) if spec.kv == "exact" and spec.start <= L < spec.end else ()
+        lead = (spec.iters,) if spec.kv in ("exact", "stacked") and spec.start <= L < spec.end else ()
         pasts[L] = tuple((0.5 * RNG.standard_normal((*lead, 2, PAST_LEN, toy.HIDDEN))).astype(np.float32) for _ in (0, 1))
         feeds[f"past_key_values.{L}.key"], feeds[f"past_key_values.{L}.value"] = pasts[L]
     return pasts, feeds
+
+
+def _standard(spec: LoopSpec, named: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Stacked caches ``{prefix}{L}.*`` ([N, ...] for looped L) renamed into the standard layout:
+    one pair per virtual layer, ``{prefix}{v}.*`` with v = L + t (E - S) in the range, L + (N - 1)(E - S) after it."""
+    out, width = {}, spec.end - spec.start
+    for name, value in named.items():
+        if not name.startswith(prefix):
+            out[name] = value
+            continue
+        L, kind = name[len(prefix):].split(".")
+        L = int(L)
+        if spec.start <= L < spec.end:
+            out.update({f"{prefix}{L + t * width}.{kind}": value[t] for t in range(spec.iters)})
+        else:
+            out[f"{prefix}{L + (spec.iters - 1) * width if L >= spec.end else L}.{kind}"] = value
+    return out
 
 
 def _all_names(graph: onnx.GraphProto) -> list[str]:
@@ -147,32 +166,34 @@ def test_n3_matches_numpy_and_unroll_equals_loop(reg):
         np.testing.assert_array_equal(flat, loop, err_msg=f"{reg} {rng}: unrolled vs Loop (CPU EP, 1 thread, no fusions)")
 
 
-@pytest.mark.parametrize("kv", ["exact", "first", "last"])
+@pytest.mark.parametrize("kv", ["exact", "stacked", "first", "last"])
 @pytest.mark.parametrize("unroll", [False, True])
 def test_kv_matches_numpy(kv, unroll):
     original = toy.model(kv=True)
     spec = LoopSpec(1, 3, iters=3, reg="ema", kv=kv, unroll=unroll)
     pasts, feeds = _past_feeds(spec)
-    got = _run(rewrite(original, spec).model, {"x": X, **feeds})
     want = _looped_np(spec, X, pasts)
+    if kv == "exact":  # the standard layout: V = 4 + 2 * 2 = 8 ordinary pairs
+        feeds, want = _standard(spec, feeds, "past_key_values."), _standard(spec, want, "present.")
+    got = _run(rewrite(original, spec).model, {"x": X, **feeds})
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=f"{kv} unroll={unroll} {name} (CPU EP, 1 thread)")
     shape = got["present.1.key"].shape
-    assert shape == ((3, 2, PAST_LEN + 5, toy.HIDDEN) if kv == "exact" else (2, PAST_LEN + 5, toy.HIDDEN)), shape
+    assert shape == ((3, 2, PAST_LEN + 5, toy.HIDDEN) if kv == "stacked" else (2, PAST_LEN + 5, toy.HIDDEN)), shape
 
 
-@pytest.mark.parametrize("kv", ["exact", "first", "last"])
+@pytest.mark.parametrize("kv", ["exact", "stacked", "first", "last"])
 def test_kv_n1_is_bit_exact(kv):
     original = toy.model(kv=True)
     spec = LoopSpec(0, 4, iters=1, kv=kv)
     _, feeds = _past_feeds(dataclasses.replace(spec, kv="first"))  # [batch, past, hidden]: the original's layout
     want = _run(original, {"x": X, **feeds}, "all")
-    if kv == "exact":
+    if kv == "stacked":
         feeds = {k: v[None] for k, v in feeds.items()}  # N = 1 leading axis
     got = _run(rewrite(original, spec).model, {"x": X, **feeds}, "all")
     for name in want:
-        np.testing.assert_array_equal(got[name][0] if kv == "exact" and name.startswith("present") else got[name], want[name],
+        np.testing.assert_array_equal(got[name][0] if kv == "stacked" and name.startswith("present") else got[name], want[name],
                                       err_msg=f"{kv} {name}: N = 1 must be bit-exact (CPU EP, 1 thread)")
 
 

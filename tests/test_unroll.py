@@ -83,7 +83,7 @@ def test_unroll_trace_noise_and_kv(tiny):
     past = _load(tiny("llama", with_past=True) / "model.onnx")
     ids = np.array([[5, 17, 42, 9]])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
-    for kv in ("exact", "first", "last"):
+    for kv in ("exact", "stacked", "first", "last"):
         kv_spec = LoopSpec(1, 3, iters=3, reg="ema", kv=kv)
         loop_m, flat_m = rewrite(past, kv_spec).model, rewrite(past, dataclasses.replace(kv_spec, unroll=True)).model
         f = dict(feeds)

@@ -13,7 +13,7 @@ from loopgraph.deploy.graphs import dtype_name, shape_of
 from loopgraph.deploy.tensorrt import readiness as tensorrt_readiness
 from loopgraph.errors import LoopgraphError
 from loopgraph.exportdir import CONFIG, read_config
-from loopgraph.metadata import VERSION_KEY, all_graphs, props, read_spec
+from loopgraph.metadata import VERSION_KEY, all_graphs, props, read_spec, read_virtual_layers
 from loopgraph.onnxio import external_locations, load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
 from loopgraph.passes.loop import is_looped
@@ -41,6 +41,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "nodes_with_subgraphs": sum(len(g.node) for g in all_graphs(model.graph)),
         "kv_cache": has_kv_cache(model),
         "rewrite": json.loads(spec.to_json()) if spec is not None else None,
+        "virtual_layers": read_virtual_layers(model),  # standard-layout KV cache: pair v -> (block, iteration)
         "loopgraph_version": props(model).get(VERSION_KEY),
     }
     info["tensorrt"] = tensorrt_readiness(model)  # TensorRT readiness summary (loopgraph check --target tensorrt)
@@ -59,6 +60,23 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     info["family"], info["strategy"], info["container"] = bm.family, bm.strategy, bm.container
     info["blocks"] = [{"index": b.index, "input": b.input, "output": b.output, "nodes": b.num_nodes} for b in bm.blocks]
     return info
+
+
+def virtual_layer_lines(vmap: list) -> str:
+    """The virtual-layer map as text: one line per run of a block range's iteration."""
+    lines = [f"  KV cache pairs (standard layout): {len(vmap)} virtual layers, past_key_values.{{v}} / present.{{v}}"]
+    runs: list[list] = []
+    for v, (b, t) in enumerate(vmap):  # group consecutive entries of one iteration into "v a..b -> blocks c..d, iteration t"
+        if runs and runs[-1][3] == t and runs[-1][1] == v - 1 and runs[-1][2][-1] == b - 1:
+            runs[-1][1] = v
+            runs[-1][2].append(b)
+        else:
+            runs.append([v, v, [b], t])
+    for first, last, blocks, t in runs:
+        vs = f"v {first}" if first == last else f"v {first}..{last}"
+        bs = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}..{blocks[-1]}"
+        lines.append(f"    {vs:<10} -> {bs}, iteration {t + 1}")
+    return "\n".join(lines)
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -81,6 +99,8 @@ def format_text(info: dict[str, Any]) -> str:
         lines.append(f"  TensorRT: {info['tensorrt']['summary']} (details: loopgraph check --target tensorrt)")
     if info["rewrite"]:
         lines.append(f"  loopgraph rewrite (v{info['loopgraph_version']}): " + ", ".join(f"{k}={v}" for k, v in info["rewrite"].items()))
+    if info.get("virtual_layers"):
+        lines.append(virtual_layer_lines(info["virtual_layers"]))
     if info["blocks"]:
         lines.append(f"  decoder blocks: {len(info['blocks'])}")
         w_in = max(len(b["input"]) for b in info["blocks"])

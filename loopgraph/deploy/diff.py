@@ -32,7 +32,7 @@ from loopgraph.deploy.graphs import (
     tensor_bytes,
 )
 from loopgraph.errors import LoopgraphError
-from loopgraph.metadata import SPEC_KEY, all_graphs, num_blocks, props
+from loopgraph.metadata import SPEC_KEY, all_graphs, num_blocks, props, read_virtual_layers
 from loopgraph.naming import NAME_PREFIX
 from loopgraph.onnxio import load_model, resolve_model_path
 from loopgraph.passes.blocks import find_blocks, has_kv_cache
@@ -54,6 +54,8 @@ class ModelDiff:
     weights: dict[str, Any]
     metadata: dict[str, dict]
     model: dict[str, list]
+    #: B's virtual-layer map (standard-layout KV cache): cache pair v -> [block, iteration]; cache names are v, not blocks
+    virtual_layers: list[tuple[int, int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +77,7 @@ def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, labels: tuple[str, str] 
         weights=_weights(a, b),
         metadata=_diff_metadata(a, b),
         model=_diff_model_fields(a, b),
+        virtual_layers=read_virtual_layers(b),
     )
 
 
@@ -393,6 +396,9 @@ def _format(d: ModelDiff) -> list[str]:
         lines += [f"  + {x['name']}: {x['type']}" for x in v["added"]]
         lines += [f"  - {x['name']}: {x['type']}" for x in v["removed"]]
         lines += [f"  ~ {x['name']}: {x['a']} -> {x['b']}" for x in v["changed"]]
+    if d.virtual_layers:  # B's cache names count virtual layers: past_key_values.3 may be block 1's second iteration
+        lines.append(f"KV cache: standard layout, {len(d.virtual_layers)} pairs numbered by virtual layer (v: block.iteration) "
+                     + " ".join(f"{v}:{b}.{t}" for v, (b, t) in enumerate(d.virtual_layers)))
     lines.append(f"initializers: {init['a_count']} -> {init['b_count']}")
     lines += [f"  + {x['name']}: {x['dtype']} {x['shape']}, {_bytes(x['bytes'])}" + ("" if x["where"] == "main" else f" (in {x['where']})")
               for x in init["added"]]

@@ -9,6 +9,8 @@ Handled, per Loop (nested ones included):
 - ``M`` omitted -> error (no counted loop; TensorRT defines no iteration counter).
 - ``cond`` given and not a constant, or the body's ``cond_out`` is not ``Identity(cond_in)``
   -> error (a data-dependent while loop); a constant ``cond`` -> warning (leave it empty).
+- the standard layout's rotating KV-cache slots (``--kv exact`` in a Loop) -> error: their
+  length changes across iterations (use ``--unroll`` or ``--kv stacked``).
 - a carried value whose declared body input and output shapes differ -> error; shapes that
   are undeclared or not provably equal (different symbols) -> warning.
 - a scan output while M is not a build-time constant (a graph input, as with ``--dynamic``)
@@ -33,6 +35,10 @@ import onnx
 from loopgraph.deploy.graphs import LoopInfo, constant_value, dtype_name, format_shape, loops, shape_of, value_infos
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import all_graphs
+from loopgraph.naming import lg_name
+
+#: body inputs of the standard layout's rotating cache slots (:func:`loopgraph.passes.kv.carry_kv`)
+KV_SLOT_PREFIX = lg_name("body", "kv") + "/"
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -146,7 +152,14 @@ def _check_cond(loop: LoopInfo) -> list[Finding]:
 def _check_carried(loop: LoopInfo) -> list[Finding]:
     out: list[Finding] = []
     declared = value_infos(loop.body)
+    slots = [c for c in loop.carried if c.body_in.name.startswith(KV_SLOT_PREFIX)]
+    if slots:  # the standard layout's rotating caches: a slot holds a past, later a present (past + new tokens)
+        out.append(Finding(ERROR, slots[0].body_in.name, f"{len(slots)} carried KV-cache slots (--kv exact, standard layout) change "
+                           "length across iterations (past -> past + new tokens)", "rewrite with --unroll (each copy reads and "
+                           "writes its own cache pair, no Loop) or --kv stacked (per-iteration caches as scan outputs)"))
     for c in loop.carried:
+        if any(c is slot for slot in slots):
+            continue
         name = c.body_out.name
         a = shape_of(declared.get(c.body_in.name, c.body_in))
         b = shape_of(declared.get(name, c.body_out))

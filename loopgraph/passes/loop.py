@@ -3,7 +3,8 @@
 Handles: any range of blocks found by :mod:`loopgraph.passes.blocks` (including S = 0 and the
 full depth), every regularizer, baked or ``dynamic`` trip count and weight.
 With-past exports: the looped blocks' caches are wired by :mod:`loopgraph.passes.kv`
-(``spec.kv``: exact per-iteration caches, or first/last-iteration approximations).
+(``spec.kv``: exact caches in the standard layout, one rotating pair per virtual layer, or
+stacked per iteration; or first/last-iteration approximations).
 Refuses (checked by the plan, :mod:`loopgraph.passes.plan`, before anything changes): opset < 13,
 a range whose intermediate tensors are read after the range (the body could not be closed);
 a model that is already looped is refused by the ``find-blocks`` pass that runs before this one.
@@ -34,7 +35,7 @@ from loopgraph.naming import lg_name
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
-from loopgraph.passes.kv import wire_loop_kv
+from loopgraph.passes.kv import KvCarry, carry_kv, standard_layout, wire_loop_kv
 from loopgraph.passes.plan import ITERS_NAME, RangePass, RangePlan, RangeReport, param_name, record_spec
 from loopgraph.passes.regularize import build_update
 
@@ -66,8 +67,9 @@ class WrapInLoop(RangePass):
         rng = open_range(model, plan)
         outer = {name: scalar_param(rng.graph, name, value, plan.spec.dynamic) for name, value in plan.params.items()}
         kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
-        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post)
-        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post))
+        carry = carry_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else KvCarry()
+        body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, carry)
+        _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), carry)
         new = export(rng, model, has_body=True)
         if plan.spec.dynamic:  # a graph input with a same-named initializer is an overridable default
             new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in plan.params.items())
@@ -76,9 +78,10 @@ class WrapInLoop(RangePass):
 
 
 def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: BodyBuilder,
-          post: BodyBuilder) -> tuple[gs.Graph, int, list[gs.Variable]]:
-    """The Loop body: (iteration, cond_in, x_{t-1}, states...) -> (cond_out, x_t, states..., traces..., presents...).
-    Returns the body, how many nodes loopgraph added to it, and the Loop's KV scan outputs."""
+          post: BodyBuilder, carry: KvCarry) -> tuple[gs.Graph, int, list[gs.Variable]]:
+    """The Loop body: (iteration, cond_in, x_{t-1}, states..., kv slots...) -> (cond_out, x_t, states...,
+    kv slots..., traces..., presents...). Returns the body, how many nodes loopgraph added to it,
+    and the Loop's KV scan outputs (``carry``: the standard layout's loop-carried caches)."""
     dtype, shape = plan.dtype, list(plan.shape)
     b = BodyBuilder("body", dtype)
     iteration = gs.Variable(lg_name("body", "iteration"), np.int64, [])
@@ -94,17 +97,17 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
 
     x_next, state_out = build_update(b, plan.reg, iteration, y, x_prev, state_in, weight, shape)
     cond_out = b.op("Identity", cond_in, dtype=np.bool_, shape=[], name="cond_out")
-    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states]
+    outputs = [cond_out, x_next] + [state_out[s.name] for s in plan.states] + carry.body_outputs  # carried before scan outputs
     outputs += [b.op("Identity", t, dtype=dtype, shape=shape, name=f"trace_{n}") for n, t in zip(plan.trace_names, (y, x_next))]
-    kv_body, kv_loop = wire_loop_kv(rng, plan.spec.kv, iteration, plan.iters_dim, b, kv_start, post)
-    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values()],
+    kv_body, kv_loop = ([], []) if carry.loop_outputs else wire_loop_kv(rng, plan.spec.kv, iteration, plan.iters_dim, b, kv_start, post)
+    body = gs.Graph(nodes=rng.nodes + b.nodes, inputs=[iteration, cond_in, x_prev, *state_in.values(), *carry.body_inputs],
                     outputs=outputs + kv_body, name=lg_name("body"), opset=rng.graph.opset)
     body.toposort()  # the regularizer and KV-slice nodes were appended after the range's nodes
     return body, len(b.nodes), kv_loop
 
 
 def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Tensor, kv_loop: list[gs.Variable],
-                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder]) -> None:
+                 builders: tuple[BodyBuilder, BodyBuilder, BodyBuilder], carry: KvCarry) -> None:
     """Initial states, the Loop (taking the range output's name: nothing downstream is rewired),
     the noise control and the trace outputs, in place of the range's nodes."""
     kv_start, pre, post = builders
@@ -114,8 +117,8 @@ def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Ten
     finals = {s.name: gs.Variable(lg_name("loop", f"{s.name}_final"), dtype, s.shape) for s in plan.states}
     x_final = rng.out if spec.noise_seed is None else gs.Variable(lg_name("loop", "x_final"), dtype, shape)
     traces = [gs.Variable(lg_name("trace", n), dtype, [plan.iters_dim, *shape]) for n in plan.trace_names]
-    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), rng.x0, *inits.values()],
-                   outputs=[x_final, *finals.values(), *traces, *kv_loop], attrs={"body": body})
+    loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, gs.Variable.empty(), rng.x0, *inits.values(), *carry.loop_inputs],
+                   outputs=[x_final, *finals.values(), *carry.loop_outputs, *traces, *kv_loop], attrs={"body": body})
     if spec.noise_seed is not None:
         noise_control(post, x_final, finals["r"], rng.out, spec.noise_seed, shape)
     rng.graph.outputs.extend(traces)

@@ -9,7 +9,8 @@ carries, and the KV slots: which ``past``/``present`` pairs belong to the looped
 
 Refuses (each a one-line :class:`LoopgraphError` naming the evidence and the fix): a range that
 does not resolve against the model's blocks, opset < 13, a residual stream without a known
-shape, and a range whose intermediate tensors are read after it (the body could not be closed).
+shape, a range whose intermediate tensors are read after it (the body could not be closed), and
+``dynamic`` with the standard KV layout (:func:`loopgraph.passes.kv.check_kv`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from loopgraph.naming import PAST_PREFIX, PRESENT_PREFIX, lg_name
 from loopgraph.passes.base import Pass, PassResult, Reports
 from loopgraph.passes.blocks import BlocksReport
 from loopgraph.passes.dataflow import GraphIndex
+from loopgraph.passes.kv import check_kv, record_virtual_layers, standard_layout
 from loopgraph.passes.regularize import State, carried_states
 from loopgraph.regularizers import Regularizer, regularizer
 from loopgraph.spec import LoopSpec
@@ -172,6 +174,7 @@ def build_plan(model: onnx.ModelProto, spec: LoopSpec, blocks: BlocksReport) -> 
                   and any(j in body for j in index.consumers.get(v.name, ())))
     presents = tuple(v.name for v in model.graph.output if v.name.startswith(PRESENT_PREFIX)
                      and index.producer.get(v.name) in body)
+    check_kv(spec, pasts, presents)  # the standard layout's preconditions (--dynamic needs --kv stacked)
     return RangePlan(spec, blocks.count, x0, out, tuple(sorted(body)), index.producer[out], dtype, tuple(shape), reg,
                      tuple(carried_states(reg, shape, need_r=spec.noise_seed is not None)), pasts, presents)
 
@@ -195,6 +198,8 @@ class RangePass(Pass):
 
 def record_spec(model: onnx.ModelProto, plan: RangePlan) -> None:
     set_props(model, {SPEC_KEY: plan.spec.to_json(), VERSION_KEY: __version__, BLOCKS_KEY: str(plan.blocks)})
+    if standard_layout(plan.spec, plan.pasts):
+        record_virtual_layers(model, plan.spec, plan.blocks)
 
 
 def check_postconditions(model: onnx.ModelProto) -> None:

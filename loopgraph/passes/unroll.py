@@ -5,7 +5,9 @@ iteration number a constant per copy), for runtimes that prefer straight-line gr
 refuses CUDA graphs for models with control flow, and TensorRT builds them more simply.
 
 Handles: every regularizer, noise control, trace outputs, with-past exports (``exact``: copy t
-reads slice t of the stacked past and the presents are stacked; ``first``/``last``: every copy
+reads and writes its own cache pair ``past_key_values.{v}``/``present.{v}`` of the standard layout
+directly, no copy; ``stacked``: copy t reads slice t of the stacked past and the presents are
+stacked; ``first``/``last``: every copy
 reads the one past, the present comes from the first or the last copy).
 Refuses: ``dynamic`` (N copies are fixed at rewrite time) and everything the Loop form refuses.
 All copies read the *same* weight initializers: no weight is stored twice.
@@ -23,7 +25,7 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.naming import lg_name
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, scalar_param, splice
-from loopgraph.passes.kv import past_slice, stack_pasts
+from loopgraph.passes.kv import name_unrolled_presents, past_slice, stack_pasts, standard_layout, unroll_kv
 from loopgraph.passes.plan import RangePass, RangePlan, RangeReport, record_spec
 from loopgraph.passes.regularize import build_update
 
@@ -62,9 +64,10 @@ class Unroll(RangePass):
         name = plan.param_name
         weight = None if name is None else scalar_param(rng.graph, name, plan.params[name], False)
         kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
-        if plan.spec.kv == "exact":
+        if plan.spec.kv == "stacked":
             stack_pasts(rng, plan.iters_dim, kv_start)
-        copies = _copy_range(rng, plan, weight, initial_states(pre, plan.states, rng.x0, list(plan.shape)))
+        kv_inputs = unroll_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else [{} for _ in range(plan.spec.iters)]
+        copies = _copy_range(rng, plan, weight, initial_states(pre, plan.states, rng.x0, list(plan.shape)), kv_inputs)
         _wire_outputs(rng, plan, copies, post)
         splice(rng, plan.at, kv_start.nodes, pre.nodes + copies.nodes + post.nodes)
         new = export(rng, model, has_body=False)
@@ -90,15 +93,17 @@ def _clone(nodes: list[gs.Node], mapping: dict[int, gs.Tensor], prefix: str) -> 
     return copies
 
 
-def _copy_range(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, state: dict[str, gs.Tensor]) -> _Copies:
+def _copy_range(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, state: dict[str, gs.Tensor],
+                kv_inputs: list[dict[int, gs.Tensor]]) -> _Copies:
     """Copy t (t = 1..N): y_t = B(x_{t-1}) with the range's nodes cloned, then the regularizer's
-    update with the iteration number a constant. ``state``: the states' initial values."""
+    update with the iteration number a constant. ``state``: the states' initial values;
+    ``kv_inputs[t - 1]``: the cache inputs copy t reads instead of the exported ones (standard layout)."""
     done, x_prev = _Copies(state), rng.x0
     for t in range(1, plan.spec.iters + 1):
         b = BodyBuilder(f"iter{t}", plan.dtype)
         iteration = b.const(np.array(t - 1, np.int64), "iteration")
-        mapping: dict[int, gs.Tensor] = {id(rng.x0): x_prev}
-        if plan.spec.kv == "exact":
+        mapping: dict[int, gs.Tensor] = {id(rng.x0): x_prev, **kv_inputs[t - 1]}
+        if plan.spec.kv == "stacked":
             mapping.update({id(past): past_slice(b, past, iteration) for past in rng.pasts})
         head = list(b.nodes)
         del b.nodes[:]
@@ -123,9 +128,11 @@ def _wire_outputs(rng: RangeGraph, plan: RangePlan, copies: _Copies, post: BodyB
     """Outer wiring: presents (stacked, or the first or last copy's), trace outputs, and the range
     output (same name as before, so nothing downstream is rewired)."""
     spec, shape = plan.spec, list(plan.shape)
-    for i, present in enumerate(rng.presents):
+    if standard_layout(spec, plan.pasts):  # each copy writes its own present.{v}: no node, no copy
+        name_unrolled_presents(rng, copies.presents, spec)
+    for i, present in enumerate([] if standard_layout(spec, plan.pasts) else rng.presents):
         present.inputs.clear()
-        if spec.kv == "exact":
+        if spec.kv == "stacked":
             present.shape = [spec.iters, *(present.shape or [])]
             _stack(post, [c[i] for c in copies.presents], present, f"{present.name}/stack")
         else:

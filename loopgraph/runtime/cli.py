@@ -72,6 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cache = "KV cache" if lm.uses_cache else "no KV cache: recomputing the sequence each step"
     if lm.spec is not None:
         cache += f", looped {lm.spec.slug()} kv={lm.spec.kv}"
+        if lm.uses_cache and all(len(s.shape) == 4 for s in lm.slots) and lm.spec.kv == "exact":
+            cache += f": {len(lm.slots) // 2} virtual-layer cache pairs"
     print(f"{Path(path).name} on {', '.join(session.providers)} ({cache})", file=sys.stderr)
 
     stream = TextStream(tokenizer) if len(prompts) == 1 else None

@@ -5,9 +5,11 @@ The loop is generic over the cache layout, read from the session's input metadat
 
 * no ``past_key_values.*`` inputs (a plain export, or a looped plain export): every step
   recomputes the whole sequence — the *no-cache recompute* the cached paths are tested against;
-* ``past_key_values.{i}.key/.value`` of rank 4 ``[batch, kv_heads, past, head_dim]`` (an Optimum
-  with-past export, or a rewrite with ``kv="first"|"last"``);
-* rank 5 ``[N, batch, kv_heads, past, head_dim]`` for the looped blocks of a ``kv="exact"``
+* ``past_key_values.{i}.key/.value`` of rank 4 ``[batch, kv_heads, past, head_dim]``: an Optimum
+  with-past export, a ``kv="exact"`` rewrite (the standard layout: one pair per virtual layer, i
+  counts block applications in execution order; nothing else differs for the loop), or a rewrite
+  with ``kv="first"|"last"``;
+* rank 5 ``[N, batch, kv_heads, past, head_dim]`` for the looped blocks of a ``kv="stacked"``
   rewrite: one cache per iteration of the Loop. N is the static leading dim, else the spec's
   ``iters`` from the ``loopgraph.spec`` metadata, or the value fed as ``loopgraph/iters`` (a
   ``--dynamic`` file).
@@ -121,7 +123,7 @@ def _slot(info, outputs: dict, config: dict[str, Any], n: int | None) -> PastSlo
     rank = len(info.shape)
     if rank not in (4, 5):
         raise LoopgraphError(f"{info.name} has rank {rank} ({list(info.shape)}); expected [batch, kv_heads, past, head_dim] "
-                             "or, for a kv=exact rewrite, [N, batch, kv_heads, past, head_dim]")
+                             "or, for a kv=stacked rewrite, [N, batch, kv_heads, past, head_dim]")
     dtype = _DTYPES.get(info.type)
     if dtype is None:
         raise LoopgraphError(f"{info.name} has type {info.type}, which numpy cannot hold; use a float32 or float16 export")
