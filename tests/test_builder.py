@@ -253,3 +253,12 @@ def test_real_smollm2_builder_int4_looped_says_paris(smol_int4, tmp_path):
     text = tok.decode(tokens)
     assert "Paris" in text, f"builder int4 looped 10:20 x3 uniform said {text!r} (onnxruntime-genai, CPU)"
     assert tokens == recompute(_model(out / "model.onnx"), prompt, 4), "genai tokens != the no-cache recompute of the same file"
+
+
+def test_cli_refuses_a_cuda_precision_on_cpu_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+    r = run_cli("export", "smollm2-135m", "-o", tmp_path / "out", "--builder", "genai", "--precision", "fp16")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "loopgraph: error: --precision fp16 is a CUDA precision of the model builder and is not supported with "
+        "--execution-provider cpu; use --precision int4, fp32 (or --execution-provider cuda)"], r.stderr
+    assert not (tmp_path / "out").exists()
