@@ -9,6 +9,7 @@ compared against the same file (see the generation tests)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ def built(fixture_root):
         def make(dest: Path) -> None:
             from loopgraph.exporters.export import export
             export(str(ckpt), dest, builder="genai", precision=precision, force=True, say=lambda m: None)
-        return fixtures.ensure(fixture_root, f"{arch}-genai-{precision}", make)
+        # the cache key hashes export.py, not the builder module: add its hash so a changed builder rebuilds
+        key = hashlib.sha256((Path(__file__).parents[1] / "loopgraph/exporters/genai_builder.py").read_bytes()).hexdigest()[:8]
+        return fixtures.ensure(fixture_root, f"{arch}-genai-{precision}-{key}", make)
     return get
 
 
