@@ -33,8 +33,14 @@ COMMAND_MODULES: tuple[str, ...] = (
 def cmd_export(args: argparse.Namespace) -> int:
     from loopgraph.exporters.export import export
     export(args.model, args.output, with_past=args.with_past, opset=args.opset, force=args.force,
-           say=lambda m: print(m, file=sys.stderr))
+           builder=args.builder, precision=args.precision, execution_provider=args.execution_provider,
+           builder_options=_builder_options(args.builder_option), say=lambda m: print(m, file=sys.stderr))
     return 0
+
+
+def _builder_options(items: list[str] | None) -> dict[str, str]:
+    from loopgraph.exporters.genai_builder import parse_options
+    return parse_options(items)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -81,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-past", action="store_true", help="export with KV-cache inputs/outputs (text-generation-with-past)")
     p.add_argument("--opset", type=int_arg, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--builder", choices=["genai"], help="build with onnxruntime-genai's model builder (fused GQA/"
+                   "skip-norm graph + genai_config.json; always with KV cache) instead of Optimum; needs the [genai] extra")
+    p.add_argument("--precision", default="fp32", help="--builder genai: int4, fp16 (cuda) or fp32 (default)")
+    p.add_argument("--execution-provider", default="cpu", help="--builder genai: cpu (default) or cuda")
+    p.add_argument("--builder-option", action="append", metavar="KEY=VALUE",
+                   help="--builder genai: an extra builder option, e.g. int4_algo_config=k_quant_mixed (repeatable)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("rewrite", help="wrap a block range in an ONNX Loop",

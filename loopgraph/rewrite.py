@@ -29,6 +29,7 @@ from loopgraph.onnxio import (
 from loopgraph.passes.base import Pipeline, Reports
 from loopgraph.passes.blocks import BlockMap, BlocksReport, FindBlocks, has_kv_cache
 from loopgraph.passes.loop import LoopReport, WrapInLoop
+from loopgraph.passes.skipnorm import SplitSkipNorms
 from loopgraph.passes.unroll import Unroll, UnrollReport
 from loopgraph.provenance import file_hash, source_props
 from loopgraph.spec import LoopSpec
@@ -55,8 +56,9 @@ def default_output(src: Path, spec: LoopSpec) -> Path:
 
 
 def pipeline(spec: LoopSpec) -> Pipeline:
-    """The rewrite as data: find the blocks, then loop (or unroll) the range."""
-    return Pipeline([FindBlocks(), Unroll(spec) if spec.unroll else WrapInLoop(spec)])
+    """The rewrite as data: find the blocks, split fused skip-norms at the range's boundaries
+    (model-builder graphs; a no-op otherwise), then loop (or unroll) the range."""
+    return Pipeline([FindBlocks(), SplitSkipNorms(spec), Unroll(spec) if spec.unroll else WrapInLoop(spec)])
 
 
 def rewrite_model(model: onnx.ModelProto, spec: LoopSpec) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, Reports]:

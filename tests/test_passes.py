@@ -19,6 +19,7 @@ from loopgraph.passes.base import Pipeline, Reports
 from loopgraph.passes.blocks import BlocksReport, FindBlocks, is_looped
 from loopgraph.passes.loop import LoopReport, WrapInLoop
 from loopgraph.passes.plan import KvSlot, build_plan
+from loopgraph.passes.skipnorm import SplitSkipNorms
 from loopgraph.passes.unroll import Unroll, UnrollReport
 from loopgraph.regularizers import BY_NAME, COS_EPS
 from loopgraph.rewrite import pipeline, rewrite
@@ -139,7 +140,7 @@ def test_loop_structure(kv):
     assert isinstance(report, LoopReport) and report.range == "1:3" and report.blocks == 4
     assert report.kv == ("exact" if kv else None)
     assert report.body_nodes == (2 * 10 if kv else 2 * 3)  # the two looped blocks' nodes, nothing else
-    assert res.reports.names == ["find-blocks", "wrap-in-loop"] and res.reports.get(BlocksReport).count == 4
+    assert res.reports.names == ["find-blocks", "split-skip-norms", "wrap-in-loop"] and res.reports.get(BlocksReport).count == 4
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -216,8 +217,8 @@ def _refused(model: onnx.ModelProto, spec: LoopSpec, match: str) -> None:
 
 def test_refusals_leave_the_model_untouched():
     old = toy.model(opset=12)
-    _refused(old, LoopSpec(1, 3), r"^pass wrap-in-loop \(after find-blocks\): opset 12 is too old for the rewrite; re-export with --opset 13")
-    _refused(toy.model(), LoopSpec(1, 3, unroll=True, dynamic=True), r"^pass unroll \(after find-blocks\): .*drop --dynamic or --unroll")
+    _refused(old, LoopSpec(1, 3), r"^pass wrap-in-loop \(after find-blocks, split-skip-norms\): opset 12 is too old for the rewrite; re-export with --opset 13")
+    _refused(toy.model(), LoopSpec(1, 3, unroll=True, dynamic=True), r"^pass unroll \(after find-blocks, split-skip-norms\): .*drop --dynamic or --unroll")
     _refused(toy.model(), LoopSpec(2, 9), r"--range 2:9 but the model has blocks 0\.\.3 \(found by module-path names\); try --range 0:4")
     looped = rewrite(toy.model(), LoopSpec(1, 3)).model
     assert is_looped(looped) and not is_looped(toy.model())
@@ -240,7 +241,7 @@ def test_pipeline_is_data():
     with pytest.raises(ValueError, match="pass wrap-in-loop needs BlocksReport, which no pass before it gives"):
         Pipeline([WrapInLoop(LoopSpec(1, 3))])
     p = pipeline(LoopSpec(1, 3, unroll=True))
-    assert [type(x) for x in p.passes] == [FindBlocks, Unroll]
+    assert [type(x) for x in p.passes] == [FindBlocks, SplitSkipNorms, Unroll]
     model = toy.model()
     new, reports = p(model)
     assert isinstance(reports.get(UnrollReport), UnrollReport) and reports.get(UnrollReport).copied_nodes == 2 * 3 * 3

@@ -15,7 +15,8 @@ The folder holds:
 - the tokenizer files and ``generation_config.json`` of the export;
 - ``loopgraph.json``: the export's manifest (its reference made absolute, so ``verify`` still
   finds the checkpoint) plus the rewrite (spec, V, the virtual-layer map);
-- ``genai_config.json`` (:func:`genai_config`) when the file has rank-4 caches: onnxruntime-genai
+- ``genai_config.json`` (:func:`genai_config`; for a model-builder export its own, with V layers:
+  :func:`looped_genai_config`) when the file has rank-4 caches: onnxruntime-genai
   generates wrong tokens from a file without a cache (a genai limit, the original export too), and
   cannot feed the rank-5 ``--kv stacked`` caches.
 
@@ -139,8 +140,12 @@ def write_side_files(export_dir: Path, folder: Path, model: onnx.ModelProto, num
                            "original_layers": num_blocks, "kv_layout": layout, "virtual_layer_map": [list(e) for e in vmap]}
     _write_json(folder / MANIFEST, manifest)
     if layout == "rank4":
-        generation = _read_json(export_dir / "generation_config.json") or {}
-        _write_json(folder / GENAI_CONFIG, genai_config(config, generation, cache_pairs(model)))
+        own = _read_json(export_dir / GENAI_CONFIG)
+        if own is not None:  # an onnxruntime-genai model-builder export: keep its config, set the pair count
+            _write_json(folder / GENAI_CONFIG, looped_genai_config(own, cache_pairs(model)))
+        else:
+            generation = _read_json(export_dir / "generation_config.json") or {}
+            _write_json(folder / GENAI_CONFIG, genai_config(config, generation, cache_pairs(model)))
 
 
 def looped_config(config: dict[str, Any], vmap: list[tuple[int, int]], layout: str) -> dict[str, Any]:
@@ -196,6 +201,20 @@ def genai_config(config: dict[str, Any], generation: dict[str, Any], pairs: int)
               "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
               "temperature": 1.0, "top_k": 1, "top_p": 1.0}
     return {"model": model, "search": search}
+
+
+def looped_genai_config(own: dict[str, Any], pairs: int) -> dict[str, Any]:
+    """The export's own ``genai_config.json`` (the model builder's) for the looped file: the decoder's
+    ``num_hidden_layers`` set to the number of cache pairs V; everything else (the ``%d`` name templates,
+    head sizes, the builder's inputs without ``position_ids``, ``past_present_share_buffer``) is kept, since
+    the looped file keeps the builder's inputs, outputs and cache tensors, only more of them."""
+    out = json.loads(json.dumps(own))
+    decoder = out.get("model", {}).get("decoder")
+    if not isinstance(decoder, dict) or "num_hidden_layers" not in decoder:
+        raise LoopgraphError(f"the export's {GENAI_CONFIG} has no model.decoder.num_hidden_layers; "
+                             "re-export with loopgraph export --builder genai")
+    decoder["num_hidden_layers"] = pairs
+    return out
 
 
 def genai_type(model_type: str | None) -> str:

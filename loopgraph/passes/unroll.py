@@ -89,6 +89,9 @@ def _clone(nodes: list[gs.Node], mapping: dict[int, gs.Tensor], prefix: str) -> 
     for node in nodes:
         outputs = []
         for o in node.outputs:
+            if not o.name:  # an omitted optional output (a skip-norm's mean/inv-std): stays omitted
+                outputs.append(gs.Variable.empty())
+                continue
             mapping[id(o)] = gs.Variable(prefix + o.name if o.name.startswith("/") else f"{prefix}/{o.name}", o.dtype, o.shape)
             outputs.append(mapping[id(o)])
         copies.append(gs.Node(node.op, name=f"{prefix}{node.name}" if node.name.startswith("/") else f"{prefix}/{node.name}",
