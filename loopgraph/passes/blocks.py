@@ -20,7 +20,6 @@ namespace, some constants carry no prefix), so node counts come from dataflow, n
 from __future__ import annotations
 
 import ast
-import dataclasses
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -31,38 +30,14 @@ from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import SPEC_KEY, props
 from loopgraph.naming import is_lg_name
 from loopgraph.passes.base import Pass, PassResult, Reports
+from loopgraph.passes.blockmap import Block, BlockMap, BlocksReport
 from loopgraph.passes.dataflow import GraphIndex
+from loopgraph.passes.skipnorm import STRATEGY as BUILDER_STRATEGY
+from loopgraph.passes.skipnorm import builder_blocks
 
 _BLOCK_PATH_RE = re.compile(r"^(?P<container>.*?)\.(?P<index>\d+)(?:\.|$)")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _RESIDUAL_PATH_OPS = frozenset({"Add", "Cast", "Identity"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    index: int
-    input: str  # residual stream entering the block
-    output: str  # residual stream leaving the block
-    num_nodes: int  # nodes on the dataflow path input -> output
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockMap:
-    blocks: tuple[Block, ...]
-    container: str  # module path of the block list, e.g. "model.layers"
-    strategy: str  # which strategy found them
-    #: model-builder graphs: (boundary tensor, the fused skip-norm that computes it), per block output
-    fused: tuple[tuple[str, str], ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def family(self) -> str:
-        last = self.container.rsplit(".", 1)[-1]
-        return {"layers": "llama-like (decoder layers)", "h": "gpt2-like (transformer.h)"}.get(
-            last, f"generic ({self.container}.N)"
-        )
 
 
 def has_kv_cache(model: onnx.ModelProto) -> bool:
@@ -113,7 +88,6 @@ def _group_paths(paths: dict[int, str]) -> tuple[str, dict[int, set[int]]] | str
 
 def _builder_strategy(model: onnx.ModelProto, index: GraphIndex) -> BlockMap | str:
     """onnxruntime-genai model-builder graphs: the residual stream lives inside fused skip-norms."""
-    from loopgraph.passes.skipnorm import builder_blocks  # it builds on this module's types
     paths = _paths_from_names(model)
     grouped = _group_paths(paths) if not isinstance(paths, str) else paths
     if isinstance(grouped, str):
@@ -196,11 +170,10 @@ def find_blocks(model: onnx.ModelProto) -> BlockMap:
         if isinstance(found, BlockMap):
             return found
         reasons.append(f"{name}: {found}")
-    from loopgraph.passes.skipnorm import STRATEGY
     found = _builder_strategy(model, index)
     if isinstance(found, BlockMap):
         return found
-    reasons.append(f"{STRATEGY}: {found}")
+    reasons.append(f"{BUILDER_STRATEGY}: {found}")
     raise LoopgraphError(
         "no decoder blocks found (" + "; ".join(reasons) + "); loopgraph needs an Optimum, torch.onnx "
         "or onnxruntime-genai model-builder export of a causal LM whose node names or metadata keep module paths"
@@ -211,19 +184,6 @@ def is_looped(model: onnx.ModelProto) -> bool:
     """True for a file loopgraph rewrote: it records a spec, or a main-graph node carries our prefix.
     (Node names that are not valid UTF-8, as in a damaged file, are read leniently.)"""
     return SPEC_KEY in props(model) or any(is_lg_name(n.name) for n in model.graph.node)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlocksReport:
-    blocks: BlockMap
-
-    @property
-    def count(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def strategy(self) -> str:
-        return self.blocks.strategy
 
 
 class FindBlocks(Pass):

@@ -35,7 +35,7 @@ from onnx import helper
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.passes.base import Pass, PassResult, Reports
-from loopgraph.passes.blocks import Block, BlockMap, BlocksReport
+from loopgraph.passes.blockmap import Block, BlockMap, BlocksReport
 from loopgraph.passes.dataflow import GraphIndex
 from loopgraph.spec import LoopSpec
 
