@@ -138,7 +138,8 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
 
 def check_input(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
     """The precondition of every rewrite: a model onnx.checker accepts (full check: strict shape
-    inference) at an opset onnx knows. A damaged graph (a cycle, a dangling input, an attribute
+    inference; for graphs with ONNX Runtime contrib ops, which onnx has no schemas for, the
+    structural check) at an opset onnx knows. A damaged graph (a cycle, a dangling input, an attribute
     of no type, an input of the wrong type) is refused here, with the checker's evidence, instead
     of failing deep inside a pass or yielding a file that does not load. ``path`` (the file of
     ``model``, a header without weights) makes the checker read the weights from the file."""
@@ -152,11 +153,45 @@ def check_input(model: onnx.ModelProto, label: str, path: Path | None = None) ->
             raise LoopgraphError(f"{label}: input {v.name!r} has a fixed dimension of size 0 ({[d.dim_param or d.dim_value for d in dims]}); "
                                  "a causal LM takes non-empty batches: rewrite an unmodified export")
     try:
-        onnx.checker.check_model(str(path) if path is not None else model, full_check=True)
+        if _has_runtime_ops(model):  # strict inference cannot judge ORT's contrib ops: structure only
+            onnx.checker.check_model(_checkable(model))
+        else:
+            onnx.checker.check_model(str(path) if path is not None else model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # ValueError: an unknown dtype
         first = next((line for line in str(e).strip().splitlines() if line.strip()), type(e).__name__)
         raise LoopgraphError(f"{label} is not a valid ONNX model (onnx.checker: {first.strip()[:300]}); "
                              "rewrite an unmodified export (loopgraph export)") from None
+
+
+#: ops ONNX Runtime registers in the *default* domain although onnx has no schema for them
+#: (onnxruntime-genai's model builder writes block 0's input norm as one)
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
+
+
+def _has_runtime_ops(model: onnx.ModelProto) -> bool:
+    """True for a graph with ONNX Runtime contrib ops (quantized files, model-builder graphs)."""
+    return any(n.domain == "com.microsoft" or (n.domain in ("", "ai.onnx") and n.op_type in ORT_ONNX_DOMAIN_OPS)
+               for n in model.graph.node)
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` (a header: external weights not read) that onnx.checker can judge whole:
+    the ORT ops of :data:`ORT_ONNX_DOMAIN_OPS` moved to ``com.microsoft`` (whose ops the checker
+    leaves to the runtime), and external-data initializers declared as graph inputs of their
+    type and shape (their extents were checked at load; the checker cannot find their files
+    from a copy)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.add(domain="com.microsoft", version=1)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in external:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        copy.graph.initializer.remove(t)
+    return copy
 
 
 def _rewrite_checked(model: onnx.ModelProto, spec: LoopSpec, label: str) -> tuple[onnx.ModelProto, LoopSpec, BlockMap, Reports]:
