@@ -102,8 +102,8 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
     if is_folder_output(output):  # a runnable folder (loopgraph.deploy.folder): model.onnx + config, tokenizer, genai_config
         return write_folder(src, Path(output), force, lambda path: rewrite(src, spec, path, copy_weights=copy_weights,
                                                                              kv_given=kv_given, say=say))
-    out = Path(output) if output is not None else None
-    if out is not None and not out.is_dir():
+    out = Path(output) if output is not None else None  # a folder went to write_folder above
+    if out is not None:
         _check_out(src, out, force)  # before any work: a refused output costs nothing
     loaded = load_model(src)  # checks names and external data, never reads the data
     check_input(loaded, str(src), src)
@@ -112,8 +112,8 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, spec: LoopSpec, output: 
     locations = external_locations(loaded)
     stash = detach_weights(loaded)
     new, resolved, blocks, reports = _rewrite_checked(loaded, spec, str(src))
-    if out is None or out.is_dir():
-        out = (out or src.parent) / default_output(src, resolved).name
+    if out is None:  # the default name is known once the range is resolved
+        out = src.parent / default_output(src, resolved).name
         _check_out(src, out, force)
     if locations and out.parent.resolve() != src.parent.resolve():
         if not copy_weights:

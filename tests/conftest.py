@@ -50,14 +50,25 @@ def hf_model(fixture_root, tiny):
     return get
 
 
-@pytest.fixture(scope="session")
-def real_export(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M exported once per session (marked tests only)."""
-    out = ROOT / ".pytest_cache" / "loopgraph-real" / fixtures.cache_key()
+def _real(with_past: bool) -> Path:
+    """The real SmolLM2-135M export, made once per cache key (marked tests only)."""
+    out = ROOT / ".pytest_cache" / "loopgraph-real" / (fixtures.cache_key() + ("-past" if with_past else ""))
     if not (out / "model.onnx").is_file():
         from loopgraph.exporters.export import export
-        export("smollm2-135m", out, force=True, say=lambda m: None)
+        export("smollm2-135m", out, with_past=with_past, force=True, say=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_export() -> Path:
+    """The real SmolLM2-135M, exported without a KV cache."""
+    return _real(with_past=False)
+
+
+@pytest.fixture(scope="session")
+def past_export() -> Path:
+    """The real SmolLM2-135M, exported with a KV cache."""
+    return _real(with_past=True)
 
 
 def batch_feeds(vocab: int = fixtures.VOCAB, seed: int = 0):

@@ -23,8 +23,7 @@ from loopgraph.runtime.inputs import left_pad
 from loopgraph.runtime.session import open_session
 from loopgraph.runtime.tokenizer import TextTokenizer
 from loopgraph.spec import LoopSpec
-from tests import fixtures
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.real
 
@@ -40,16 +39,6 @@ def _two_torch_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def past_export() -> Path:
-    """The real SmolLM2-135M exported with past, once per cache key."""
-    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"{fixtures.cache_key()}-past"
-    if not (out / "model.onnx").is_file():
-        from loopgraph.exporters.export import export
-        export("smollm2-135m", out, with_past=True, force=True, say=lambda m: None)
-    return out
 
 
 @pytest.fixture(scope="module")

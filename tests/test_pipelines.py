@@ -203,20 +203,8 @@ def test_bad_folder_outputs(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "busy"]
 
 
-@pytest.fixture(scope="module")
-def smol_past() -> Path:
-    """The real SmolLM2-135M with-past export (the same cache folder as test_generate_real's)."""
-    from tests import fixtures
-    from tests.conftest import ROOT
-    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"{fixtures.cache_key()}-past"
-    if not (out / "model.onnx").is_file():
-        from loopgraph.exporters.export import export
-        export("smollm2-135m", out, with_past=True, force=True, say=lambda m: None)
-    return out
-
-
 @pytest.mark.real
-def test_real_smollm2_optimum_and_genai_equal_the_pytorch_recompute(smol_past, tmp_path):
+def test_real_smollm2_optimum_and_genai_equal_the_pytorch_recompute(past_export, tmp_path):
     """SmolLM2-135M looped 10:20 x3 uniform: 32 greedy tokens of Optimum and genai equal the
     PyTorch reference recomputing every step (the reference verify uses)."""
     from loopgraph.reference.hf import load_reference
@@ -225,11 +213,11 @@ def test_real_smollm2_optimum_and_genai_equal_the_pytorch_recompute(smol_past, t
     from tests.test_generate_real import PROMPTS as TEXTS
     from tests.test_generate_real import STEPS as REAL_STEPS
     spec = LoopSpec(10, 20, iters=3, reg="uniform")
-    folder = rewrite(smol_past / "model.onnx", spec, f"{tmp_path}/smol/").path.parent
-    tok = TextTokenizer.from_folder(smol_past)
+    folder = rewrite(past_export / "model.onnx", spec, f"{tmp_path}/smol/").path.parent
+    tok = TextTokenizer.from_folder(past_export)
     prompts = [tok.encode(p) for p in TEXTS]
     torch.set_grad_enabled(False)
-    model = load_reference(smol_past / "hf")
+    model = load_reference(past_export / "hf")
     ids, mask = (torch.as_tensor(a) for a in left_pad(prompts, tok.pad_id))
     want = []
     for _ in range(REAL_STEPS):

@@ -23,23 +23,12 @@ from loopgraph.runtime.session import open_session
 from loopgraph.runtime.tokenizer import TextTokenizer
 from loopgraph.spec import LoopSpec
 from loopgraph.verify import DEFAULT_PROMPTS, encode
-from tests import fixtures
-from tests.conftest import ROOT
 from tests.test_quantize import FACTOR, greedy_recompute
 
 pytestmark = pytest.mark.real
 
 SPEC = LoopSpec(10, 20, iters=3, reg="uniform", kv="exact")
 ATOL, RTOL = 1e-4, 1e-4  # cached vs recompute of one int4 file: |Δ| <= ATOL + RTOL * max|logits| (fp32 compute)
-
-
-@pytest.fixture(scope="module")
-def past_export() -> Path:
-    out = ROOT / ".pytest_cache" / "loopgraph-real" / f"{fixtures.cache_key()}-past"
-    if not (out / "model.onnx").is_file():
-        from loopgraph.exporters.export import export
-        export("smollm2-135m", out, with_past=True, force=True, say=lambda m: None)
-    return out
 
 
 @pytest.fixture(scope="module")
