@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from loopgraph.spec import LoopSpec, parse_range  # noqa: E402
 
-PRECISIONS = ("fp32", "int8", "int4", "int4-acc4", "fp16")
-#: quantize options per variant; int4-acc4: MatMulNBits with accuracy level 4 (int8 compute on CPU)
-OPTIONS = {"int8": ("int8", None), "int4": ("int4", None), "int4-acc4": ("int4", 4), "fp16": ("fp16", None)}
+PRECISIONS = ("fp32", "int8", "int4", "int4-acc0", "fp16")
+#: quantize options per variant; int4: the default accuracy level 4 (int8 compute on CPU); int4-acc0: fp32 compute
+OPTIONS = {"int8": ("int8", None), "int4": ("int4", None), "int4-acc0": ("int4", 0), "fp16": ("fp16", None)}
 
 
 def ensure_files(folder: Path, spec: LoopSpec, variants: tuple[str, ...] = PRECISIONS) -> dict[str, Path]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128, help="prefill length")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--opt-level", default="extended", help="level of the optimize copies and of loading the plain files")
+    ap.add_argument("--opt-level", default="all", help="level of the optimize copies and of loading the plain files")
     ap.add_argument("--only", choices=("load", "speed"), help="run one part")
     ap.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated, fp32 always first (default {','.join(PRECISIONS)})")
     args = ap.parse_args(argv)

@@ -93,3 +93,15 @@ def test_a_refused_graph_is_scored_from_its_full_logits(tmp_path, caplog):
         lm = LogitsSession(tmp_path / "m.onnx")
     assert not lm.gathered and "scoring with full logits: Softmax node" in caplog.text
     assert lm.session.input_names == ["h"]  # opened as it is
+
+
+def test_an_int4_head_is_gathered_bit_exactly(tiny):
+    """quantize --to int4 (and the genai builder) make the head a MatMulNBits: the gather moves
+    before it and the gathered rows equal the full logits' (CPU, 1 thread)."""
+    from loopgraph.deploy.quantize import quantize_model
+    model, _ = quantize_model(load_model(tiny("llama") / "model.onnx", load_weights=True), "int4")
+    full, gathered = LogitsSession(model, gather=False, threads=1), LogitsSession(model, threads=1)
+    assert gathered.gathered and find_lm_head(model)[0].op_type == "MatMulNBits"
+    ids, mask = batch_feeds()
+    at = positions(ids, mask, seed=3)
+    np.testing.assert_array_equal(gathered.logits_at(ids, mask, at), full.logits_at(ids, mask, at))

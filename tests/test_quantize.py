@@ -152,11 +152,13 @@ def test_quantize_every_weight_once_within_bound(tiny, arch, form, kv, to):
 
 
 def _decode_tol(tiny, arch: str, kv: str | None, to: str) -> float:
-    """int4 (fp32 compute) and fp32: the cache changes nothing but summation order. int8 dynamic
-    quantization scales activations per tensor: a decode step sees only the new token, the recompute
-    the whole sequence, so scales (and logits) differ by up to about the tool's own error; allow
-    twice the original's. fp16: accumulation order in half precision."""
-    return {"int4": 1e-4, "fp16": 2e-3}.get(to) or 2 * _base_err(tiny, arch, kv, to)
+    """fp32 compute: the cache changes nothing but summation order. int8 dynamic quantization scales
+    activations per tensor: a decode step sees only the new token, the recompute the whole sequence,
+    so scales (and logits) differ by up to about the tool's own error; allow twice the original's.
+    int4 at the default accuracy level 4 quantizes activations to int8 too, and MLAS takes another
+    kernel for one row (decode) than for many (recompute): the same allowance (measured 3.8e-3 on
+    GPT-2, 0 on Llama). fp16: accumulation order in half precision."""
+    return {"fp16": 2e-3}.get(to) or 2 * _base_err(tiny, arch, kv, to)
 
 
 def _assert_close_decoding(cached: Generation, again: Generation, tol: float, what: str) -> None:
@@ -264,3 +266,47 @@ def test_stub_weights_are_refused(tiny):
         quantize_model(m, "int4")
     with pytest.raises(LoopgraphError, match="unknown --to"):
         quantize_model(m, "int2")
+
+
+def _tied_head_model() -> onnx.ModelProto:
+    """ids -> Gather(E) -> MatMul(W) -> MatMul(Transpose(E)) -> logits: an LM whose head is tied to
+    its embedding table, as Optimum exports SmolLM2 (the head's weight is computed by a Transpose)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    rng = np.random.default_rng(3)
+    table, w = (rng.standard_normal((96, 64)) / 4).astype(np.float32), (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    g = h.make_graph([h.make_node("Gather", ["E", "ids"], ["x"], name="embed"),
+                      h.make_node("MatMul", ["x", "W"], ["y"], name="mlp"),
+                      h.make_node("Transpose", ["E"], ["E_t"], name="tie", perm=[1, 0]),
+                      h.make_node("MatMul", ["y", "E_t"], ["logits"], name="lm_head")],
+                     "g", [h.make_tensor_value_info("ids", T.INT64, ["b", "s"])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["b", "s", 96])], [nh.from_array(table, "E"), nh.from_array(w, "W")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 18)], ir_version=9)
+
+
+def test_tied_lm_head_is_folded_and_quantized():
+    """int4 / int8: the Transpose of the embedding table becomes a weight of its own, so the tool
+    converts the head too; folding alone changes no logit (bit-exact: ORT folds it at load anyway);
+    the embedding Gather still reads the fp32 table; fp16 folds nothing."""
+    from loopgraph.deploy.quantize import fold_weight_transposes
+    model = _tied_head_model()
+    ids = np.random.default_rng(4).integers(0, 96, (2, 5))
+    want = _session(model).run({"ids": ids})["logits"]
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_weight_transposes(folded) == ["E_t"] and "Transpose" not in {n.op_type for n in folded.graph.node}
+    got = _session(folded).run({"ids": ids})["logits"]
+    assert np.array_equal(got, want), f"folding changed logits by {np.abs(got - want).max():.3g} (CPU, 1 thread)"
+    for to in ("int4", "int8"):
+        new, report = quantize_model(model, to)
+        assert report.folded == ["E_t"] and report.converted == {"main": 2, "body": 0}, report
+        assert not candidates(new)[0] and not report.left, report.left
+        assert "folded 1 transposed weight" in report.format_text()
+        gather = next(n for n in new.graph.node if n.op_type == "Gather")
+        table = next(t for t in new.graph.initializer if t.name == gather.input[0])
+        assert table.data_type == onnx.TensorProto.FLOAT
+        err = np.abs(_session(new).run({"ids": ids})["logits"] - want).max() / np.abs(want).max()
+        assert err < CEILING[to], f"{to} tied head: max|Δlogits|/max|logits| {err:.3g} >= {CEILING[to]} (CPU, 1 thread)"
+    new, report = quantize_model(model, "fp16")
+    assert report.folded == [] and "Transpose" in {n.op_type for n in new.graph.node}

@@ -4,9 +4,10 @@ Built on ONNX Runtime's own tools (loopgraph writes no quantizer):
 
 - ``int4``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, default
   (RTN-style blockwise) algorithm, symmetric (ORT's command-line default), ``MatMulNBits`` nodes
-  (QOperator format). Its default algorithm walks subgraphs and looks a weight up along the graph
-  stack, so a MatMul in a Loop body that reads a main-graph weight gets its quantized weight
-  added to the **main** graph (the body keeps reading it from the outer scope).
+  (QOperator format), accuracy level 4 unless told (int8 activations on CPU: what onnxruntime-genai's
+  model builder picks for CPU; level 0 computes in fp32 and decodes SmolLM2 about 1.6x slower).
+  Its default algorithm walks subgraphs and looks a weight up along the graph stack, so a MatMul
+  in a Loop body that reads a main-graph weight gets its quantized weight added to the **main** graph (the body keeps reading it from the outer scope).
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic`` with ``EnableSubgraph`` (without it
   the body stays fp32), MatMul only, constant second inputs only (``MatMulConstBOnly``, ORT's
   default for dynamic quantization), signed int8 weights.
@@ -23,6 +24,15 @@ copies, or a main-graph and a body MatMul reading the same weight) and appends o
 :func:`_settle_initializers` hoists any body initializer into the main graph, keeps one copy of
 same-name identical tensors and treats differing same-name tensors as a bug; the postcondition
 checks that no body holds an initializer and no initializer name repeats.
+
+Tied LM heads (SmolLM2, Gemma, ...): Optimum exports ``logits = MatMul(h, Transpose(embed))``, so
+the head's weight is *computed* and neither tool converts it; at int4 that fp32 head is most of a
+decode step's weight bytes. For int4 / int8, :func:`fold_weight_transposes` first turns each
+``Transpose`` of an initializer that feeds a MatMul weight into a transposed initializer (what
+ORT's constant folding does at session load anyway, so the fp32 numbers are unchanged, bit-exact);
+the tool then quantizes it like any other weight. The embedding Gather keeps reading the fp32
+table. fp16 is left as it is: the converter already stores the table in fp16 and ORT folds the
+Transpose at load, so folding would only store the table twice.
 
 Handles: original exports, Loop and unrolled rewrites, with or without KV cache (any ``--kv``).
 Refuses (:class:`LoopgraphError`, nothing written): an unknown target, a model with no MatMul
@@ -50,6 +60,8 @@ from loopgraph.metadata import all_graphs, props, set_props, subgraphs
 log = logging.getLogger(__name__)
 
 TARGETS = ("int4", "int8", "fp16")
+#: MatMulNBits' compute type when --accuracy-level is not given (the genai model builder's CPU default)
+INT4_ACCURACY_LEVEL = 4
 #: metadata key recording what ``quantize`` did (target and options)
 PRECISION_KEY = "loopgraph.precision"
 #: ops that only appear in a model that is already quantized
@@ -80,6 +92,7 @@ class QuantizeReport:
     left: list[dict[str, str]]  # {"level", "node", "reason"}
     size_before: int  # bytes
     size_after: int
+    folded: list[str] = dataclasses.field(default_factory=list)  # weights computed by a Transpose, stored transposed first
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +103,9 @@ class QuantizeReport:
                  f"{c['body']} in Loop bodies), {self.weights} weights, each stored once",
                  f"size {self.size_before / 1e6:.2f} MB -> {self.size_after / 1e6:.2f} MB "
                  f"({self.size_after / max(self.size_before, 1):.3f}x)"]
+        if self.folded:
+            lines.append(f"folded {len(self.folded)} transposed weight(s) into initializers first "
+                         f"(a tied LM head: {', '.join(self.folded)})")
         reasons: dict[str, int] = {}
         for item in self.left:
             key = f"{item['reason']} ({item['level']})"
@@ -142,6 +158,30 @@ def quantized_evidence(model: onnx.ModelProto) -> str | None:
     if fp16:
         return f"{len(fp16)} MatMul already read float16 weights (e.g. {fp16[0].node})"
     return None
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
+    """In place: every ``Transpose`` of an initializer whose output some MatMul / Gemm reads as its
+    weight becomes an initializer of the same name holding the transposed tensor (a tied LM head).
+    Returns the folded tensors' names. Other readers of the Transpose's output read the new
+    initializer, which holds exactly the values the Transpose computed."""
+    from onnx import helper, numpy_helper
+    weight_reads = {n.input[1] for g in all_graphs(model.graph) for n in g.node
+                    if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
+    inits = {t.name: t for t in model.graph.initializer}
+    folded, keep = [], []
+    for n in model.graph.node:
+        if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] in weight_reads:
+            value = numpy_helper.to_array(inits[n.input[0]])
+            perm = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "perm"), None)
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), n.output[0]))
+            folded.append(n.output[0])
+        else:
+            keep.append(n)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return folded
 
 
 # --- the tools ------------------------------------------------------------------------------
@@ -290,6 +330,8 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
     """Return a quantized copy of ``model`` (which must hold its weights) and a report.
     ``model`` is not modified. Validates first, so a refusal changes nothing."""
     _check_options(to, block_size, accuracy_level)
+    if to == "int4" and accuracy_level is None:
+        accuracy_level = INT4_ACCURACY_LEVEL
     evidence = quantized_evidence(model)
     if evidence:
         raise LoopgraphError(f"the model is already quantized or converted ({evidence}); quantize the fp32 export instead")
@@ -302,6 +344,9 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
         raise ValueError("quantize_model() needs the weights (got onnxio.detach_weights stubs): load the model with its data")
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    folded = fold_weight_transposes(work) if to in ("int4", "int8") else []
+    if folded:
+        found, other = candidates(work)
     meta = props(model)
     size_before = model.ByteSize()
     new = {"int4": lambda: _int4(work, block_size, accuracy_level), "int8": lambda: _int8(work),
@@ -319,7 +364,7 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
             converted[c.level] += 1
     left = [{"level": c.level, "node": c.node, "reason": "the tool left its fp32 weight"} for c in left_fp32] + other
     report = QuantizeReport(to, options, converted, len({c.weight for c in found} - {c.weight for c in left_fp32}),
-                            left, size_before, new.ByteSize())
+                            left, size_before, new.ByteSize(), folded)
     return new, report
 
 

@@ -56,6 +56,8 @@ def find_lm_head(model: onnx.ModelProto) -> tuple[onnx.NodeProto, list[onnx.Node
         node = producer.get(name)
         if node is None:
             raise LoopgraphError(f"no LM head MatMul found before {LOGITS!r} (reached graph input {name!r})")
+        if node.op_type == "MatMulNBits":  # an int4 head (quantize --to int4, the genai builder): rows independent
+            return node, path
         if node.op_type == "MatMul":
             weight = next((t for t in graph.initializer if t.name == node.input[1]), None)
             if weight is not None and len(weight.dims) != 2:
