@@ -139,11 +139,6 @@ def test_reports_of_loglikelihood_and_perplexity_tasks(models, tmp_path):
     assert "== wikitext (test; 2 of 5 items" in text and "bits_per_byte" in text
 
 
-def test_kv_cache_exports_are_refused(tiny):
-    with pytest.raises(LoopgraphError, match="takes KV-cache inputs"):
-        open_model(tiny("llama", with_past=True) / "model.onnx")
-
-
 def test_onnx_and_pytorch_scorers_agree_on_the_tiny_model(models, tiny):
     """Every task type, including left truncation (BoolQ passages exceed the fixture's 256 positions)
     and rolling windows (WikiText)."""

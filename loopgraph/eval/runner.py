@@ -7,8 +7,9 @@ turns it into tables, JSON and per-item JSONL.
 Handled: exports and loopgraph rewrites of them (``.onnx`` file or export folder, the tokenizer
 files beside it, weights inline or external), ``--limit`` as a seeded random subset,
 ``--noise-control`` (a noise variant of each looped model, see :func:`noise_variant`).
-Refused: models with KV-cache inputs (export without ``--with-past`` to evaluate), ``--limit``
-below 1, tasks whose data is missing or malformed (see :mod:`loopgraph.eval.tasks`).
+Models with KV-cache inputs (``--with-past`` exports and their rewrites, model-builder graphs) are
+scored from the first generation step, with empty caches (:mod:`loopgraph.runtime.logits`).
+Refused: ``--limit`` below 1, tasks whose data is missing or malformed (see :mod:`loopgraph.eval.tasks`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ FEEDS = ("input_ids", "attention_mask", "position_ids")  # what the scorer feeds
 
 def _check_causal_lm(model: onnx.ModelProto, path: Path) -> None:
     """The graph must be what the scorer drives: inputs among input_ids/attention_mask/position_ids
-    (input_ids required) and a ``logits`` output."""
+    (input_ids required) and KV-cache inputs (fed empty), and a ``logits`` output."""
     inputs = [i.name for i in model.graph.input]
-    other = [n for n in inputs if n not in FEEDS]
+    other = [n for n in inputs if n not in FEEDS and not n.startswith(PAST_PREFIX)]
     if "input_ids" not in inputs or other or "logits" not in {o.name for o in model.graph.output}:
         raise LoopgraphError(f"{path} is not a causal LM export: inputs {inputs[:6]}, outputs {[o.name for o in model.graph.output][:4]} "
                              f"(evaluation feeds {', '.join(FEEDS)} and reads logits); export the model with loopgraph export")
@@ -82,9 +83,6 @@ def open_model(path: str | Path, max_length: int | None = None, *, header: onnx.
     if header is None:
         header = load_model(p)  # checks external data; never reads it
     external = external_locations(header)
-    if any(i.name.startswith(PAST_PREFIX) for i in header.graph.input):
-        raise LoopgraphError(f"{p} takes KV-cache inputs (a --with-past export); evaluation feeds whole sequences: "
-                             "evaluate an export made without --with-past (and its rewrites)")
     _check_causal_lm(header, p)
     spec = read_spec(header)
     source = props(header).get(SOURCE_KEY)
