@@ -1,8 +1,11 @@
 """int4 on the real SmolLM2-135M (marked ``real``; CPU provider, two threads).
 
-- the with-past export looped 10:20 x3 (uniform, ``kv="exact"``) and quantized to int4 generates
-  with its cache exactly what the no-cache recompute of the same int4 file generates (32 greedy
-  tokens, a left-padded batch of 2);
+- the with-past export looped 10:20 x3 (uniform, ``kv="exact"``) and quantized to int4 with fp32
+  compute (``accuracy_level=0``) generates with its cache exactly what the no-cache recompute of the
+  same int4 file generates (32 greedy tokens, a left-padded batch of 2). At the default accuracy
+  level 4 (int8 activations) that does not hold for the *original* int4 file either: MLAS takes
+  another kernel for one row (decode) than for many (recompute) and the logits part by up to 35
+  (row 2 of this batch after 8 tokens, measured), so the property is checked where the math allows it;
 - its ``verify``-style distance from the fp32 looped model (max |Δlogits| / max |fp32 logits| on
   verify's prompts) stays within FACTOR of the int4 original's distance from the fp32 original;
 - the int4 looped file is within 1 % of the int4 original's size.
@@ -39,6 +42,8 @@ def files(past_export, tmp_path_factory) -> dict[str, Path]:
     for name in ("fp32", "looped"):
         out[f"{name}-int4"] = d / f"{name}.int4.onnx"
         quantize_file(out[name], out[f"{name}-int4"], "int4")
+    out["looped-int4-acc0"] = d / "looped.int4-acc0.onnx"
+    quantize_file(out["looped"], out["looped-int4-acc0"], "int4", accuracy_level=0)
     return out
 
 
@@ -49,13 +54,15 @@ def _lm(path: Path, folder: Path):
 def test_int4_looped_cache_equals_recompute(files, past_export):
     tok = TextTokenizer.from_folder(past_export)
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
-    lm = _lm(files["looped-int4"], past_export)
+    lm = _lm(files["looped-int4-acc0"], past_export)
     cached = generate(lm, prompts, 32, keep_logits=True)
     again = greedy_recompute(lm, prompts, 32)
     assert cached.tokens == again.tokens, f"cached {tok.decode(cached.tokens[0])!r} vs recompute {tok.decode(again.tokens[0])!r}"
     worst = max(float(np.abs(a - b).max() - RTOL * np.abs(b).max()) for a, b in zip(cached.step_logits, again.step_logits))
     assert worst <= ATOL, f"int4 looped cached vs recompute: max(|Δ| - {RTOL} max|logits|) = {worst:.3g} > {ATOL} (CPU, 2 threads)"
-    print(f"\nint4 looped 10:20x3 answers 'The capital of France is' with {tok.decode(cached.tokens[0])!r}")
+    print(f"\nint4 (accuracy level 0) looped 10:20x3 answers 'The capital of France is' with {tok.decode(cached.tokens[0])!r}")
+    default = generate(_lm(files["looped-int4"], past_export), prompts[:1], 32)
+    print(f"int4 (default, accuracy level 4) looped 10:20x3 answers it with {tok.decode(default.tokens[0])!r}")
 
 
 def _distance(path: Path, ref: Path, folder: Path) -> float:
