@@ -7,7 +7,8 @@ Built on ONNX Runtime's own tools (loopgraph writes no quantizer):
   (QOperator format), accuracy level 4 unless told (int8 activations on CPU: what onnxruntime-genai's
   model builder picks for CPU; level 0 computes in fp32 and decodes SmolLM2 about 1.6x slower).
   Its default algorithm walks subgraphs and looks a weight up along the graph stack, so a MatMul
-  in a Loop body that reads a main-graph weight gets its quantized weight added to the **main** graph (the body keeps reading it from the outer scope).
+  in a Loop body that reads a main-graph weight gets its quantized weight added to the **main**
+  graph (the body keeps reading it from the outer scope).
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic`` with ``EnableSubgraph`` (without it
   the body stays fp32), MatMul only, constant second inputs only (``MatMulConstBOnly``, ORT's
   default for dynamic quantization), signed int8 weights.
@@ -164,14 +165,15 @@ def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
     """In place: every ``Transpose`` of an initializer whose output some MatMul / Gemm reads as its
     weight becomes an initializer of the same name holding the transposed tensor (a tied LM head).
     Returns the folded tensors' names. Other readers of the Transpose's output read the new
-    initializer, which holds exactly the values the Transpose computed."""
+    initializer, which holds exactly the values the Transpose computed. A data-less (stub) table
+    is left alone, so :func:`quantize_model` refuses it with its own message."""
     from onnx import helper, numpy_helper
     weight_reads = {n.input[1] for g in all_graphs(model.graph) for n in g.node
                     if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
     inits = {t.name: t for t in model.graph.initializer}
     folded, keep = [], []
     for n in model.graph.node:
-        if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] in weight_reads:
+        if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] in weight_reads and not _is_stub(inits[n.input[0]]):
             value = numpy_helper.to_array(inits[n.input[0]])
             perm = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "perm"), None)
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), n.output[0]))
@@ -335,18 +337,16 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
     evidence = quantized_evidence(model)
     if evidence:
         raise LoopgraphError(f"the model is already quantized or converted ({evidence}); quantize the fp32 export instead")
-    found, other = candidates(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    folded = fold_weight_transposes(work) if to in ("int4", "int8") else []
+    found, other = candidates(work)
     if not found:
         raise LoopgraphError("the model has no MatMul with a constant float32 weight to quantize "
                              f"({len(other)} MatMul, none reading a weight); give an exported LM")
     weights = {c.weight for c in found}
-    if any(_is_stub(t) for t in model.graph.initializer if t.name in weights):
+    if any(_is_stub(t) for t in work.graph.initializer if t.name in weights):
         raise ValueError("quantize_model() needs the weights (got onnxio.detach_weights stubs): load the model with its data")
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    folded = fold_weight_transposes(work) if to in ("int4", "int8") else []
-    if folded:
-        found, other = candidates(work)
     meta = props(model)
     size_before = model.ByteSize()
     new = {"int4": lambda: _int4(work, block_size, accuracy_level), "int8": lambda: _int8(work),

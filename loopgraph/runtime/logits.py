@@ -58,7 +58,7 @@ class LogitsSession:
         self.session = open_session(source, device=device, threads=threads, base_dir=base)
         inputs = self.session.inputs
         self.right_pad = "position_ids" not in inputs
-        self._feeds = [n for n in ("input_ids", "attention_mask", "position_ids") if n in inputs]
+        self._inputs = set(inputs)
         self._empty_past = None
         if any(n.startswith(PAST_PREFIX) for n in inputs):
             config = read_config(path.parent) if path is not None else {}
@@ -69,8 +69,8 @@ class LogitsSession:
         ``feeds``: more inputs (a --dynamic file's N and weight)."""
         if self.right_pad:
             ids, mask, at = right_align(ids, mask, at)
-        fed = feeds_for(ids, mask)
-        feeds = {**{n: fed[n] for n in self._feeds}, **(self._empty_past(len(ids)) if self._empty_past else {}), **(feeds or {})}
+        feeds = {**{n: v for n, v in feeds_for(ids, mask).items() if n in self._inputs},
+                 **(self._empty_past(len(ids)) if self._empty_past else {}), **(feeds or {})}
         if self.gathered:
             return self.session.run({**feeds, POSITIONS_NAME: at}, ["logits"])["logits"]
         logits = self.session.run(feeds, ["logits"])["logits"]
