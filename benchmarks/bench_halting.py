@@ -8,7 +8,8 @@ the fixed-N files, measured side by side in one run.
 
 Workloads (logits for every position, no KV cache, so the Loop may stop early):
 - ``prefill``: one row of 128 tokens (the arc_easy sample questions, concatenated);
-- ``scoring``: a left-padded batch of 8 arc_easy sample items (question + correct answer).
+- ``scoring``: a left-padded batch of 8 arc_easy sample items (question + correct answer);
+- ``scoring-right``: the same rows right-padded, as ``loopgraph eval``'s scorer batches them.
 
 The tolerances are chosen from the data: the ``--quantiles`` of the real tokens' change at t = 2
 (``rel``) of the prefill row, read from the fixed-N trace, so the printout shows which share of
@@ -16,8 +17,11 @@ tokens could freeze at once. For each workload and file: the mean iterations per
 iterations the Loop ran (a batched Loop computes every token until its last real token froze, so
 compute follows this count, not the per-token mean), and the CPU seconds of one forward (median
 over interleaved rounds; CPU time of the process, steadier than wall time on a shared machine; wall
-time printed beside it). ``expected`` interpolates the fixed files' CPU time at the halting file's
-iterations run: the saving should track it.
+time printed beside it). ``at run`` interpolates the fixed files' CPU time at the iterations the
+halting Loop ran (what a Loop that computes every token costs), ``at mean`` at the mean iterations per
+real token (what computing only moving tokens would cost): with work skipping
+(``loopgraph/passes/skip.py``) the halting file's time should fall between them, near ``at mean``
+when the tokens that stop early are the frozen tail or whole rows.
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ def workloads(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     prefill = np.array([stream[:128]], np.int64)
     rows = [tok.encode(it.requests[it.gold or 0][0] + it.requests[it.gold or 0][1]) for it in items[:8]]
     ids, mask = left_pad(rows, 0)
-    return {"prefill": (prefill, np.ones_like(prefill)), "scoring": (ids, mask)}
+    right = np.zeros_like(ids)
+    for r, row in enumerate(rows):
+        right[r, :len(row)] = row
+    return {"prefill": (prefill, np.ones_like(prefill)), "scoring": (ids, mask), "scoring-right": (right, mask[:, ::-1].copy())}
 
 
 def feeds(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -135,14 +142,14 @@ def main() -> None:
         wall = {n: statistics.median(w for _, w in t) for n, t in times.items()}
         fixed = [cpu[f"N={n}"] for n in range(1, args.nmax + 1)]
         top = cpu[f"N={args.nmax}"]
-        print(f"{'file':<28} {'mean it/token':>13} {'it run':>6} {'cpu s':>7} {'wall s':>7} {'vs N=max':>8} {'expected':>8}")
+        print(f"{'file':<28} {'mean it/token':>13} {'it run':>6} {'cpu s':>7} {'wall s':>7} {'vs N=max':>8} {'at run':>7} {'at mean':>7}")
         for name in sessions:
             if its[name] is None:
                 mean, run = float(name[2:]), int(name[2:])
             else:
                 mean, run = float(its[name][real].mean()), int(its[name].max())
-            expected = np.interp(run, range(1, args.nmax + 1), fixed) / top
-            print(f"{name:<28} {mean:13.2f} {run:6d} {cpu[name]:7.3f} {wall[name]:7.3f} {cpu[name] / top:8.2f} {expected:8.2f}")
+            at_run, at_mean = (np.interp(v, range(1, args.nmax + 1), fixed) / top for v in (run, mean))
+            print(f"{name:<28} {mean:13.2f} {run:6d} {cpu[name]:7.3f} {wall[name]:7.3f} {cpu[name] / top:8.2f} {at_run:7.2f} {at_mean:7.2f}")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

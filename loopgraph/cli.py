@@ -59,6 +59,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         detail = f"{report.copied_nodes} nodes in {s.iters} straight-line copies"
     else:
         detail = f"{report.body_nodes} nodes in the Loop body, {report.regularizer_nodes} regularizer nodes"
+        if report.skipping:
+            detail += f"; skipped per iteration: {report.skipping}"
     print(f"looped blocks {s.start}:{s.end} of {len(result.blocks)} x{s.iters} ({how}): {detail}")
     print(f"wrote {result.path} in {time.time() - t0:.1f} s")
     return 0

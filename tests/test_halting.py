@@ -182,3 +182,30 @@ def test_spec_records_and_validates_halting():
                           ({"halt": 0.1, "halt_metric": "kl"}, r"unknown --halt-metric 'kl'; choose one of rel, cos")):
         with pytest.raises(LoopgraphError, match=match):
             LoopSpec(1, 3, **kwargs)
+
+
+def test_skipping_is_off_when_the_range_reads_a_size_computed_outside():
+    """A range that reshapes with a shape computed outside it (here ``Shape(x)``) would break if its rows
+    or positions were cut: the file is written without skipping, says why, and still halts exactly
+    as the numpy rule does."""
+    from onnx import helper
+    m = toy.model()
+    g = m.graph
+    add = next(n for n in g.node if n.name == "/model/layers.1/Add_1")
+    add.input[1] = "/model/layers.1/reshaped"
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"], name="/shape")] + list(g.node)
+    at = next(i for i, n in enumerate(nodes) if n.name == "/model/layers.1/Add_1")
+    nodes.insert(at, helper.make_node("Reshape", ["/model/layers.1/Tanh_output_0", "x_shape"], ["/model/layers.1/reshaped"],
+                                      name="/model/layers.1/Reshape"))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(m)
+    on = rewrite(toy.model(), LoopSpec(1, 3, iters=N, halt=0.01)).report.skipping
+    assert on.startswith("rows and tail"), on
+    spec = LoopSpec(1, 3, iters=N, reg="uniform", halt=0.0).resolve(toy.BLOCKS)
+    spec = dataclasses.replace(spec, halt=_middle_tol(spec, X))
+    off = rewrite(m, spec)
+    assert off.report.skipping.startswith("none (") and "x_shape" in off.report.skipping and "integer" in off.report.skipping, off.report.skipping
+    got, (want, used, _) = _run(off.model, {"x": X}), _halting_np(spec, X)
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=ATOL, err_msg="halting without skipping vs numpy (CPU EP, 1 thread)")
+    np.testing.assert_array_equal(got[ITERATIONS_OUTPUT], used)

@@ -143,6 +143,7 @@ def test_cli_rewrite_and_diff_show_halting(tiny, tmp_path):
     done = run_cli("rewrite", folder / "model.onnx", "--range", "1:3", "--iters", "4", "--halt", "0.01", "--halt-metric", "cos",
                    "-o", out, "--copy-weights")
     assert done.returncode == 0 and "halt cos <= 0.01" in done.stdout, done.stderr
+    assert "skipped per iteration: rows and tail positions without a moving token" in done.stdout, done.stdout
     shown = run_cli("inspect", out)
     assert "halt=0.01" in shown.stdout and "halt_metric=cos" in shown.stdout, shown.stdout
     diff = run_cli("diff", folder / "model.onnx", out)
@@ -173,3 +174,46 @@ def test_eval_scores_a_halting_file(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads(out.read_text())["tasks"]["winogrande"]["metrics"]
     assert len(metrics) == 3 and metrics["loop1-3x3-uniform"] == metrics["loop1-3x3-uniform-halt0"], metrics
+
+
+def _right_pad(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Rows left-aligned, padding after them: how ``loopgraph eval``'s scorer batches items."""
+    ids, mask = left_pad(prompts, 0)
+    for r, p in enumerate(prompts):
+        ids[r], mask[r] = np.roll(ids[r], -(ids.shape[1] - len(p))), np.roll(mask[r], -(ids.shape[1] - len(p)))
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_only_the_window_of_moving_tokens_is_computed(tiny, hf_model, arch):
+    """Work skipping (passes/skip.py) on a right-padded batch whose rows stop at different iterations:
+    y_t is computed exactly on rows with a moving real token x positions [0, L), L = 1 + the last moving
+    position (NaN elsewhere in the trace: not computed), and the logits at real positions still equal
+    the PyTorch reference, which computes every token at every iteration."""
+    ids, mask = _right_pad(PROMPTS)
+    real = mask.astype(bool)
+    hf = hf_model(arch)
+    spec = LoopSpec(1, 3, iters=N, reg="uniform", halt=0.0).resolve(4)
+    _, _, xs = _reference(hf, spec, ids, mask)
+    change = np.where(real, ((xs[1] - xs[0]).norm(dim=-1) / xs[0].norm(dim=-1)).numpy(), 0)
+    spec = dataclasses.replace(spec, halt=float(change.max(1).min()) * 1.001)  # the calmer row freezes at t = 2
+    result = rewrite(onnx.load(str(tiny(arch) / "model.onnx")), dataclasses.replace(spec, trace=True))
+    assert result.report.skipping.startswith("rows and tail"), result.report.skipping
+    got = _scores(result.model, ids, mask)
+    want, used, _ = _reference(hf, spec, ids, mask)
+    worst = float(np.abs(got["logits"] - want)[real].max())
+    assert worst <= ATOL, f"{arch} right-padded, skipping: max |Δlogits| at real positions = {worst:.3g} > {ATOL} (CPU EP, 1 thread)"
+    its = got[ITERATIONS_OUTPUT]
+    np.testing.assert_array_equal(its[real], used[real], err_msg=f"{arch}: iterations per token")
+    ys = got["loopgraph/trace/y"]
+    assert len(ys) == its[real].max() and len(ys) > 2, f"the Loop ran {len(ys)} iterations; the tokens used {sorted(set(its[real]))}"
+    skipped_any = False
+    for t in range(1, len(ys) + 1):
+        moving = real & (its >= t)  # not frozen before iteration t
+        rows = moving.any(1)
+        length = 1 + int(np.nonzero(moving[rows].any(0))[0].max())
+        computed = rows[:, None] & (np.arange(ids.shape[1]) < length)[None, :]
+        np.testing.assert_array_equal(~np.isnan(ys[t - 1]).all(-1), computed, err_msg=f"{arch}: the tokens computed at iteration {t}")
+        assert not np.isnan(ys[t - 1][computed]).any(), f"{arch}: a computed token of iteration {t} holds NaN"
+        skipped_any |= not computed.all()
+    assert skipped_any, f"{arch}: every token was computed at every iteration; the test needs rows or a tail that stop early"

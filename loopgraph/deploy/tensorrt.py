@@ -144,8 +144,9 @@ def _check_cond(loop: LoopInfo) -> list[Finding]:
     if not passthrough and cond_out == "loopgraph/body/cond_out":  # per-token halting (docs/halting.md)
         return [Finding(WARNING, where, "per-token halting (--halt) ends this Loop when no real token is still moving: "
                         "a data-dependent condition, which TensorRT builds as a while loop (a while trip limit besides M, "
-                        "the condition read back every iteration) instead of a counted one; scan outputs (--trace) then "
-                        "have a data-dependent length, which TensorRT refuses",
+                        "the condition read back every iteration) instead of a counted one; the work skipping inside it (NonZero, "
+                        "a Gather and Slice of the moving rows and positions) gives the body data-dependent shapes; scan "
+                        "outputs (--trace) then have a data-dependent length, which TensorRT refuses",
                         "for a counted loop rewrite with --unroll (the same frozen-token masks, every copy computed, "
                         "no early stop), or drop --halt")]
     if not passthrough:

@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from loopgraph.naming import lg_name
-from loopgraph.passes import halt
+from loopgraph.passes import halt, skip
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
@@ -47,6 +47,7 @@ __all__ = ["ITERS_NAME", "LoopReport", "WrapInLoop", "is_looped", "param_name"]
 class LoopReport(RangeReport):
     body_nodes: int  # the range's nodes moved into the body
     regularizer_nodes: int  # nodes loopgraph added to the body (interpolation, KV slices, cond)
+    skipping: str | None = None  # halting files that may stop early: how frozen work is skipped, or why it is not
 
     @property
     def dynamic(self) -> bool:
@@ -69,31 +70,38 @@ class WrapInLoop(RangePass):
         outer = {name: scalar_param(rng.graph, name, value, plan.spec.dynamic) for name, value in plan.params.items()}
         kv_start, pre, post = BodyBuilder("kv", plan.dtype), BodyBuilder("init", plan.dtype), BodyBuilder("post", plan.dtype)
         carry = carry_kv(rng, plan.spec) if standard_layout(plan.spec, plan.pasts) else KvCarry()
-        halting = _Halting.make(rng, plan, pre, outer.get(halt.HALT_NAME))
+        halting = _Halting.make(model, rng, plan, pre, outer.get(halt.HALT_NAME))
         body, added, kv_loop = _body(rng, plan, outer.get(plan.param_name), kv_start, post, carry, halting)
         _outer_graph(rng, plan, body, outer[ITERS_NAME], kv_loop, (kv_start, pre, post), carry, halting)
         new = export(rng, model, has_body=True)
         if plan.spec.dynamic:  # a graph input with a same-named initializer is an overridable default
             new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in plan.params.items())
         record_spec(new, plan)
-        return PassResult(new, True, LoopReport(**plan.report_fields(), body_nodes=len(rng.nodes), regularizer_nodes=added))
+        skipping = None if halting is None or not plan.early_stop else (
+            "rows and tail positions without a moving token" if halting.skipping.on else f"none ({halting.skipping.reason})")
+        return PassResult(new, True, LoopReport(**plan.report_fields(), body_nodes=len(rng.nodes), regularizer_nodes=added, skipping=skipping))
 
 
 @dataclasses.dataclass
 class _Halting:
     """The outer tensors of per-token halting (:mod:`loopgraph.passes.halt`): the tolerance, the
-    initial frozen/used states, the real-token mask (None: every token is real)."""
+    initial frozen/used states, the real-token mask (None: every token is real), and how frozen
+    work is skipped when the Loop may stop early (:mod:`loopgraph.passes.skip`)."""
     tol: gs.Tensor
     init: halt.HaltState
     real: gs.Tensor | None
+    skipping: skip.Skipping
+    outer: dict[str, gs.Variable]  # the computed tensors the range reads from outside, by name
 
     @staticmethod
-    def make(rng: RangeGraph, plan: RangePlan, pre: BodyBuilder, tol: gs.Tensor | None) -> _Halting | None:
+    def make(model: onnx.ModelProto, rng: RangeGraph, plan: RangePlan, pre: BodyBuilder, tol: gs.Tensor | None) -> _Halting | None:
         if plan.spec.halt is None:
             return None
         shape = list(plan.shape)
         real = halt.real_tokens(pre, rng.graph, rng.x0, shape) if plan.early_stop else None
-        return _Halting(tol, halt.initial(pre, rng.x0, shape), real)
+        outer = {t.name: t for t in skip.outer_inputs(rng.nodes, rng.x0)}
+        skipping = skip.plan_skipping(model, plan.x0, list(outer)) if plan.early_stop else skip.Skipping({}, "the Loop never stops early")
+        return _Halting(tol, halt.initial(pre, rng.x0, shape), real, skipping, outer)
 
 
 def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: BodyBuilder,
@@ -111,16 +119,24 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
     # y_t = B(x_{t-1}): the range's own nodes, reading x_prev instead of x0.
     for node in rng.nodes:
         replace_tensor(node.inputs, rng.x0, x_prev)
-    y = gs.Variable(lg_name("body", "y"), dtype, shape)
-    replace_tensor(rng.out.inputs[0].outputs, rng.out, y)
+    tok = halt.token_shape(shape)
+    prev = halt.HaltState(gs.Variable(lg_name("body", "frozen_prev"), np.bool_, tok), gs.Variable(lg_name("body", "used_prev"), np.int64, tok))
+    held = prev.frozen
+    if halting is not None and halting.skipping.on:  # the range runs on the window of moving tokens only
+        w = skip.apply(b, rng.nodes, x_prev, prev.frozen, halting.real, halting.skipping, halting.outer, shape)
+        y_window = gs.Variable(lg_name("body", "y_window"), dtype, [None, None, shape[-1]])
+        replace_tensor(rng.out.inputs[0].outputs, rng.out, y_window)
+        y, held = skip.uncut(b, y_window, x_prev, w, shape), w.held
+    else:
+        y = gs.Variable(lg_name("body", "y"), dtype, shape)
+        replace_tensor(rng.out.inputs[0].outputs, rng.out, y)
 
     x_next, state_out = build_update(b, plan.reg, iteration, y, x_prev, state_in, weight, shape)
     halt_in: list[gs.Variable] = []
     halt_out: list[gs.Tensor] = []
     if halting is not None:
-        tok = halt.token_shape(shape)
-        prev = halt.HaltState(gs.Variable(lg_name("body", "frozen_prev"), np.bool_, tok), gs.Variable(lg_name("body", "used_prev"), np.int64, tok))
-        x_next, state_out, now = halt.step(b, iteration, x_prev, x_next, state_in, state_out, prev, halting.tol, plan.spec.halt_metric, shape)
+        x_next, state_out, now = halt.step(b, iteration, x_prev, x_next, state_in, state_out, halt.HaltState(held, prev.used),
+                                           halting.tol, plan.spec.halt_metric, shape)
         halt_in, halt_out = [prev.frozen, prev.used], [now.frozen, now.used]
     if plan.early_stop:
         cond_out = halt.still_moving(b, halt_out[0], halting.real)
