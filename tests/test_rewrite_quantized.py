@@ -120,7 +120,11 @@ def test_int4_with_past_rewrite_decodes_like_recompute(tiny):
     from loopgraph.runtime.generate import generate
     from tests.test_quantize import _assert_close_decoding, _lm, greedy_recompute
     folder = tiny("llama", with_past=True)
-    looped = rewrite(_quantized(folder / "model.onnx", "int4"), LoopSpec(0, 2, iters=3, reg="ema", kv="exact")).model
+    # accuracy level 0 (fp32 compute): at the default level 4 MLAS quantizes activations with another kernel for
+    # one row than for many, so even the original int4 file's cache differs from its recompute (by 1e-3 on some
+    # CPUs); this test is about the rewrite's cache wiring, which must hold to summation order
+    int4 = quantize_model(load_model(folder / "model.onnx", load_weights=True), "int4", accuracy_level=0)[0]
+    looped = rewrite(int4, LoopSpec(0, 2, iters=3, reg="ema", kv="exact")).model
     lm = _lm(looped, folder)
     # per-iteration caches: stacked ([N, ...] rank 5) or the standard layout's L + (N-1)(E-S) = 8 virtual layers
     assert any(len(s.shape) == 5 for s in lm.slots) or len(lm.slots) == 2 * (4 + 2 * 2), [s.past for s in lm.slots]
