@@ -44,7 +44,7 @@ from loopgraph.eval.runner import SAMPLES_DIR  # noqa: E402
 from loopgraph.eval.tasks import TASKS, load_items  # noqa: E402
 from loopgraph.passes.halt import ITERATIONS_OUTPUT  # noqa: E402
 from loopgraph.rewrite import rewrite  # noqa: E402
-from loopgraph.runtime.inputs import left_pad  # noqa: E402
+from loopgraph.runtime.inputs import left_pad, right_pad  # noqa: E402
 from loopgraph.runtime.inputs import position_ids as positions  # noqa: E402
 from loopgraph.runtime.session import open_session  # noqa: E402
 from loopgraph.runtime.tokenizer import TextTokenizer  # noqa: E402
@@ -62,10 +62,7 @@ def workloads(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     prefill = np.array([stream[:128]], np.int64)
     rows = [tok.encode(it.requests[it.gold or 0][0] + it.requests[it.gold or 0][1]) for it in items[:8]]
     ids, mask = left_pad(rows, 0)
-    right = np.zeros_like(ids)
-    for r, row in enumerate(rows):
-        right[r, :len(row)] = row
-    return {"prefill": (prefill, np.ones_like(prefill)), "scoring": (ids, mask), "scoring-right": (right, mask[:, ::-1].copy())}
+    return {"prefill": (prefill, np.ones_like(prefill)), "scoring": (ids, mask), "scoring-right": right_pad(rows, 0)}
 
 
 def feeds(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

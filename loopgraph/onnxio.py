@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -345,6 +346,13 @@ def save_model(model: onnx.ModelProto, dest: str | os.PathLike) -> Path:
 
 
 # --- weights off / on -------------------------------------------------------------------------
+
+def is_stub(t: TensorProto) -> bool:
+    """A data-less initializer: what :func:`detach_weights` leaves in place of a weight."""
+    has = t.HasField("raw_data") or t.data_location == TensorProto.EXTERNAL
+    has = has or bool(t.float_data or t.double_data or t.int32_data or t.int64_data)
+    return not has and math.prod(t.dims) > 0
+
 
 def detach_weights(model: onnx.ModelProto) -> dict[str, TensorProto]:
     """Replace every main-graph initializer by a data-less stub and return the originals by name.

@@ -21,7 +21,7 @@ from loopgraph.passes.halt import ITERATIONS_OUTPUT
 from loopgraph.reference.looped import looped
 from loopgraph.regularizers import BY_NAME
 from loopgraph.rewrite import rewrite
-from loopgraph.runtime.inputs import left_pad
+from loopgraph.runtime.inputs import left_pad, right_pad
 from loopgraph.runtime.inputs import position_ids as positions
 from loopgraph.runtime.session import open_session
 from loopgraph.spec import LoopSpec
@@ -176,21 +176,13 @@ def test_eval_scores_a_halting_file(tiny, tmp_path):
     assert len(metrics) == 3 and metrics["loop1-3x3-uniform"] == metrics["loop1-3x3-uniform-halt0"], metrics
 
 
-def _right_pad(prompts) -> tuple[np.ndarray, np.ndarray]:
-    """Rows left-aligned, padding after them: how ``loopgraph eval``'s scorer batches items."""
-    ids, mask = left_pad(prompts, 0)
-    for r, p in enumerate(prompts):
-        ids[r], mask[r] = np.roll(ids[r], -(ids.shape[1] - len(p))), np.roll(mask[r], -(ids.shape[1] - len(p)))
-    return ids, mask
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_only_the_window_of_moving_tokens_is_computed(tiny, hf_model, arch):
     """Work skipping (passes/skip.py) on a right-padded batch whose rows stop at different iterations:
     y_t is computed exactly on rows with a moving real token x positions [0, L), L = 1 + the last moving
     position (NaN elsewhere in the trace: not computed), and the logits at real positions still equal
     the PyTorch reference, which computes every token at every iteration."""
-    ids, mask = _right_pad(PROMPTS)
+    ids, mask = right_pad(PROMPTS, 0)
     real = mask.astype(bool)
     hf = hf_model(arch)
     spec = LoopSpec(1, 3, iters=N, reg="uniform", halt=0.0).resolve(4)

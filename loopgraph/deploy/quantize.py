@@ -57,6 +57,7 @@ from onnx import TensorProto
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.metadata import all_graphs, props, set_props, subgraphs
+from loopgraph.onnxio import is_stub
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
     inits = {t.name: t for t in model.graph.initializer}
     folded, keep = [], []
     for n in model.graph.node:
-        if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] in weight_reads and not _is_stub(inits[n.input[0]]):
+        if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] in weight_reads and not is_stub(inits[n.input[0]]):
             value = numpy_helper.to_array(inits[n.input[0]])
             perm = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "perm"), None)
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), n.output[0]))
@@ -345,7 +346,7 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
         raise LoopgraphError("the model has no MatMul with a constant float32 weight to quantize "
                              f"({len(other)} MatMul, none reading a weight); give an exported LM")
     weights = {c.weight for c in found}
-    if any(_is_stub(t) for t in work.graph.initializer if t.name in weights):
+    if any(is_stub(t) for t in work.graph.initializer if t.name in weights):
         raise ValueError("quantize_model() needs the weights (got onnxio.detach_weights stubs): load the model with its data")
     meta = props(model)
     size_before = model.ByteSize()
@@ -366,13 +367,6 @@ def quantize_model(model: onnx.ModelProto, to: str, block_size: int = 32,
     report = QuantizeReport(to, options, converted, len({c.weight for c in found} - {c.weight for c in left_fp32}),
                             left, size_before, new.ByteSize(), folded)
     return new, report
-
-
-def _is_stub(t: TensorProto) -> bool:
-    """A data-less initializer (what :func:`loopgraph.onnxio.detach_weights` leaves)."""
-    has = t.HasField("raw_data") or t.data_location == TensorProto.EXTERNAL
-    has = has or bool(t.float_data or t.double_data or t.int32_data or t.int64_data)
-    return not has and int(np.prod(t.dims)) > 0
 
 
 def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, to: str, block_size: int = 32,

@@ -26,6 +26,7 @@ import numpy as np
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.encoding import TokenRequest, model_input
+from loopgraph.runtime.inputs import right_pad
 
 #: ids, mask [batch, seq] int64, at [positions] int64 (row * seq + position) -> logits [positions, vocab]
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -124,12 +125,8 @@ def score_groups(groups: Sequence[Sequence[TokenRequest]], forward: Forward, *, 
             on_group(g, [])
     total, done = sum(map(len, p.rows)), 0
     for batch in p.batches:
-        width = max(len(p.rows[r]) for r in batch)
-        ids = np.full((len(batch), width), pad_id, np.int64)
-        mask = np.zeros((len(batch), width), np.int64)
-        for i, r in enumerate(batch):
-            ids[i, :len(p.rows[r])] = p.rows[r]
-            mask[i, :len(p.rows[r])] = 1
+        ids, mask = right_pad([p.rows[r] for r in batch], pad_id)
+        width = ids.shape[1]
         reads = [(i, rd) for i, r in enumerate(batch) for rd in p.reads[r]]
         at = np.array([i * width + pos for i, rd in reads for pos in range(rd.end - len(rd.targets), rd.end)], np.int64)
         targets = np.array([tok for _, rd in reads for tok in rd.targets], np.int64)

@@ -99,8 +99,10 @@ class _Halting:
             return None
         shape = list(plan.shape)
         real = halt.real_tokens(pre, rng.graph, rng.x0, shape) if plan.early_stop else None
-        outer = {t.name: t for t in skip.outer_inputs(rng.nodes, rng.x0)}
-        skipping = skip.plan_skipping(model, plan.x0, list(outer)) if plan.early_stop else skip.Skipping({}, "the Loop never stops early")
+        outer, skipping = {}, skip.Skipping({}, "the Loop never stops early")
+        if plan.early_stop:
+            outer = {t.name: t for t in skip.outer_inputs(rng.nodes, rng.x0)}
+            skipping = skip.plan_skipping(model, plan.x0, list(outer))
         return _Halting(tol, halt.initial(pre, rng.x0, shape), real, skipping, outer)
 
 
@@ -126,7 +128,7 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
         w = skip.apply(b, rng.nodes, x_prev, prev.frozen, halting.real, halting.skipping, halting.outer, shape)
         y_window = gs.Variable(lg_name("body", "y_window"), dtype, [None, None, shape[-1]])
         replace_tensor(rng.out.inputs[0].outputs, rng.out, y_window)
-        y, held = skip.uncut(b, y_window, x_prev, w, shape), w.held
+        y, held = skip.uncut(b, y_window, w, shape), w.held
     else:
         y = gs.Variable(lg_name("body", "y"), dtype, shape)
         replace_tensor(rng.out.inputs[0].outputs, rng.out, y)

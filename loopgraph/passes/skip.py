@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from loopgraph.onnxio import is_stub
 from loopgraph.passes.build import BodyBuilder, replace_tensor
 
 FLOAT_OR_BOOL = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
@@ -107,8 +108,7 @@ def _graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
     stub (:func:`loopgraph.onnxio.detach_weights`, which symbolic inference would try to read) or
     large (whose values no shape depends on) becomes a graph input of the same type and dims."""
     src = model.graph
-    weight = [t for t in src.initializer if np.prod(t.dims) >= LARGE or not (
-        t.raw_data or t.float_data or t.int64_data or t.int32_data or t.double_data or t.data_location)]
+    weight = [t for t in src.initializer if np.prod(t.dims) >= LARGE or is_stub(t)]
     names = {t.name for t in weight}
     graph = onnx.helper.make_graph(list(src.node), src.name, list(src.input) + [
         onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weight], list(src.output),
@@ -122,6 +122,8 @@ class Window:
     rows: gs.Tensor  # [k] int64
     length: gs.Tensor  # [1] int64: L
     held: gs.Tensor  # [batch, seq, 1] bool: frozen before this iteration, or outside the window
+    dims: gs.Tensor  # [3] int64: Shape(x_prev)
+    seq: gs.Tensor  # [1] int64: the full sequence length
 
 
 def window(b: BodyBuilder, x_prev: gs.Tensor, frozen_prev: gs.Tensor, real: gs.Tensor | None, shape: list) -> Window:
@@ -142,8 +144,8 @@ def window(b: BodyBuilder, x_prev: gs.Tensor, frozen_prev: gs.Tensor, real: gs.T
     pos_on = b.op("Cast", b.op("Greater", per_pos, zero, dtype=bl, shape=bs[1:], name="skip_pos_on_b"), attrs={"to": onnx.TensorProto.INT64},
                   dtype=i64, shape=bs[1:], name="skip_pos_on")
     dims = b.op("Shape", x_prev, dtype=i64, shape=[3], name="skip_x_shape")
-    seq = b.op("Squeeze", b.op("Slice", dims, b.const(np.array([1], i64), "skip_s1"), b.const(np.array([2], i64), "skip_s2"), dtype=i64, shape=[1],
-                               name="skip_seq1"), b.const(np.array([0], i64), "skip_axis0"), dtype=i64, shape=[], name="skip_seq")
+    seq1 = b.op("Slice", dims, b.const(np.array([1], i64), "skip_s1"), b.const(np.array([2], i64), "skip_s2"), dtype=i64, shape=[1], name="skip_seq1")
+    seq = b.op("Squeeze", seq1, b.const(np.array([0], i64), "skip_axis0"), dtype=i64, shape=[], name="skip_seq")
     one = b.const(np.array(1, i64), "skip_one")
     upto = b.op("Range", one, b.op("Add", seq, one, dtype=i64, shape=[], name="skip_seq_plus_one"), one, dtype=i64, shape=bs[1:], name="skip_one_to_s")
     length = b.op("ReduceMax", b.op("Mul", pos_on, upto, dtype=i64, shape=bs[1:], name="skip_ends"), attrs={"keepdims": 1}, dtype=i64, shape=[1],
@@ -154,7 +156,7 @@ def window(b: BodyBuilder, x_prev: gs.Tensor, frozen_prev: gs.Tensor, real: gs.T
     outside = b.op("Not", b.op("Unsqueeze", inside, b.const(np.array([-1], i64), "skip_ax_last"), dtype=bl, shape=frozen_prev.shape, name="skip_inside"),
                    dtype=bl, shape=frozen_prev.shape, name="skip_outside")
     held = b.op("Or", frozen_prev, outside, dtype=bl, shape=frozen_prev.shape, name="skip_held")
-    return Window(rows, length, held)
+    return Window(rows, length, held, dims, seq1)
 
 
 def cut(b: BodyBuilder, t: gs.Tensor, batch_axis: int | None, seq_axes: tuple[int, ...], w: Window, name: str) -> gs.Variable:
@@ -186,17 +188,15 @@ def apply(b: BodyBuilder, nodes: list[gs.Node], x_prev: gs.Tensor, frozen_prev: 
     return w
 
 
-def uncut(b: BodyBuilder, y_cut: gs.Tensor, x_prev: gs.Tensor, w: Window, shape: list) -> gs.Variable:
+def uncut(b: BodyBuilder, y_cut: gs.Tensor, w: Window, shape: list) -> gs.Variable:
     """The range's output on the window, put back at full size: NaN outside (rows left out, positions >= L;
     every such token is held, so the value is never used)."""
     i64, dt = np.int64, b.dtype
-    dims = b.op("Shape", x_prev, dtype=i64, shape=[3], name="skip_full_shape")
-    seq = b.op("Slice", dims, b.const(np.array([1], i64), "skip_u1"), b.const(np.array([2], i64), "skip_u2"), dtype=i64, shape=[1], name="skip_full_seq")
-    tail = b.op("Sub", seq, w.length, dtype=i64, shape=[1], name="skip_tail")
+    tail = b.op("Sub", w.seq, w.length, dtype=i64, shape=[1], name="skip_tail")
     z = b.const(np.array([0], i64), "skip_pad0")
     pads = b.op("Concat", z, z, z, z, tail, z, attrs={"axis": 0}, dtype=i64, shape=[6], name="skip_pads")
     nan = b.const(np.array(np.nan, dt), "skip_nan")
     padded = b.op("Pad", y_cut, pads, nan, attrs={"mode": "constant"}, dtype=dt, shape=["k", shape[1], shape[-1]], name="skip_y_padded")
-    filler = b.op("Expand", nan, dims, dtype=dt, shape=list(shape), name="skip_y_filler")
+    filler = b.op("Expand", nan, w.dims, dtype=dt, shape=list(shape), name="skip_y_filler")
     idx = b.op("Unsqueeze", w.rows, b.const(np.array([1], i64), "skip_rows_ax"), dtype=i64, shape=["k", 1], name="skip_rows_idx")
     return b.op("ScatterND", filler, idx, padded, dtype=dt, shape=list(shape), name="skip_y")

@@ -1,5 +1,5 @@
 """The inputs a causal-LM export is fed, built one way for every caller (verify, scoring, generation,
-the PyTorch reference): left-padded ids and mask, and position ids that follow the mask.
+the PyTorch reference): left- or right-padded ids and mask, and position ids that follow the mask.
 
 numpy only, so the rewrite and the runtime stay importable without torch.
 """
@@ -29,6 +29,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` [batch, width] (int64), prompts left-aligned and the
+    space after them filled with ``pad_id`` (how ``loopgraph eval``'s scorer batches rows)."""
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+        mask[i, :len(p)] = 1
     return ids, mask
 
 
