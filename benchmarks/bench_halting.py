@@ -19,9 +19,11 @@ compute follows this count, not the per-token mean), and the CPU seconds of one 
 over interleaved rounds; CPU time of the process, steadier than wall time on a shared machine; wall
 time printed beside it). ``at run`` interpolates the fixed files' CPU time at the iterations the
 halting Loop ran (what a Loop that computes every token costs), ``at mean`` at the mean iterations per
-real token (what computing only moving tokens would cost): with work skipping
-(``loopgraph/passes/skip.py``) the halting file's time should fall between them, near ``at mean``
-when the tokens that stop early are the frozen tail or whole rows.
+real token (what computing only moving tokens would cost). ``live`` files (``--halt-kv live``, with the
+work skipping of ``loopgraph/passes/skip.py``) should fall between them, near ``at mean`` only when the
+tokens that stop early are the frozen tail or whole rows; ``held`` files (``--halt-kv held``,
+``loopgraph/passes/compact.py``: an iteration computes the moving tokens only) should track ``at mean``.
+The two rules freeze differently (held K/V change the later states), so each has its own mean.
 """
 
 from __future__ import annotations
@@ -105,13 +107,14 @@ def main() -> None:
     ap.add_argument("--reg", default="uniform")
     ap.add_argument("--quantiles", default="0.25,0.5,0.75")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--halt-kv", default="live,held", help="the --halt-kv rules to time (comma-separated; --items counts the first)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--items", metavar="TASK:LIMIT:TOL", help="only count iterations of TOL's file on eval items of TASK (no timing)")
     ap.add_argument("--data-dir", type=Path, default=Path(SAMPLES_DIR))
     args = ap.parse_args()
     if args.items:
         task, limit, tol = args.items.split(":")
-        spec = LoopSpec(*parse_range(args.range), iters=args.nmax, reg=args.reg, halt=float(tol))
+        spec = LoopSpec(*parse_range(args.range), iters=args.nmax, reg=args.reg, halt=float(tol), halt_kv=args.halt_kv.split(",")[0])
         iterations_on_items(onnx.load(str(args.export / "model.onnx")), spec, args.export, task, args.data_dir, int(limit), args.threads)
         return
     print(f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; ORT CPU EP, {args.threads} thread(s)")
@@ -120,7 +123,8 @@ def main() -> None:
     work = workloads(args.export)
     tols = choose_tols(original, base, *work["prefill"], [float(q) for q in args.quantiles.split(",")], args.threads)
     specs = {f"N={n}": dataclasses.replace(base, iters=n) for n in range(1, args.nmax + 1)}
-    specs.update({f"halt {q}-quantile ({t:.4f})": dataclasses.replace(base, halt=t) for q, t in zip(args.quantiles.split(","), tols)})
+    for rule in args.halt_kv.split(","):
+        specs.update({f"{rule} {q}-quantile ({t:.4f})": dataclasses.replace(base, halt=t, halt_kv=rule) for q, t in zip(args.quantiles.split(","), tols)})
     sessions = {name: open_session(rewrite(original, s).model, threads=args.threads) for name, s in specs.items()}
     del original
     for wname, (ids, mask) in work.items():

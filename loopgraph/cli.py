@@ -54,7 +54,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     report = result.report
     how = (f"{s.reg}{'' if s.weight is None else f', weight {s.weight:g}'}{', dynamic' if s.dynamic else ''}"
            f"{', kv ' + s.kv if report.kv else ''}"
-           f"{'' if s.halt is None else f', halt {s.halt_metric} <= {s.halt:g}'}")
+           f"{'' if s.halt is None else f', halt {s.halt_metric} <= {s.halt:g}' + ('' if s.halt_kv == 'live' else f', {s.halt_kv} K/V')}")
     if isinstance(report, UnrollReport):
         detail = f"{report.copied_nodes} nodes in {s.iters} straight-line copies"
     else:

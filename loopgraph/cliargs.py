@@ -25,7 +25,7 @@ import math
 import re
 from typing import NoReturn
 
-from loopgraph.spec import HALT_METRICS, KV_MODES, MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
+from loopgraph.spec import HALT_KV, HALT_METRICS, KV_MODES, MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
 
 PROG = "loopgraph"
 #: LoopSpec field -> the dest of the add_form_args flag that sets it
@@ -97,6 +97,10 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "--iters is then the most iterations (docs/halting.md)")
     g.add_argument("--halt-metric", choices=list(HALT_METRICS),
                    help="the change: rel = |x_t - x_{t-1}| / |x_{t-1}| (default), cos = 1 - cos(x_t, x_{t-1})")
+    g.add_argument("--halt-kv", choices=list(HALT_KV),
+                   help="what later tokens attend to at a frozen token: live = K/V recomputed from its frozen state every iteration "
+                        "(default; cost follows the slowest token of a row), held = its K/V of the iteration it froze "
+                        "(an iteration computes only the moving tokens)")
     return g
 
 
@@ -122,4 +126,4 @@ def spec_from_args(args: argparse.Namespace) -> LoopSpec:
     # (a flag left unset, such as --kv, keeps LoopSpec's default)
     form = {field: getattr(args, dest) for field, dest in _FORM_FLAGS.items() if getattr(args, dest, None) is not None}
     return LoopSpec(start, end, iters=args.iters, reg=args.reg, alpha=args.alpha, k=args.k, **form,
-                    halt=args.halt, halt_metric=args.halt_metric or "rel")
+                    halt=args.halt, halt_metric=args.halt_metric or "rel", halt_kv=args.halt_kv or "live")

@@ -44,6 +44,7 @@ REGULARIZERS: dict[str, str | None] = {r.name: r.param for r in ALL}
 #: ``first``/``last`` one cache per block, an approximation (see :mod:`loopgraph.passes.kv`)
 KV_MODES = ("exact", "stacked", "first", "last")
 HALT_METRICS = ("rel", "cos")  # per-token change of x_t: |x_t - x_{t-1}| / |x_{t-1}|, or 1 - cos(x_t, x_{t-1})
+HALT_KV = ("live", "held")  # a frozen token's K/V in later iterations: recomputed from its frozen state, or held from its last one
 MAX_ITERS = 64
 
 _RANGE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
@@ -67,6 +68,7 @@ class LoopSpec:
     unroll: bool = False  # N straight-line copies of the range instead of a Loop
     halt: float | None = None  # per-token halting: freeze a token once its change is <= halt (docs/halting.md)
     halt_metric: str = "rel"  # how the change is measured: "rel" or "cos"
+    halt_kv: str = "live"  # what a frozen token's K/V are in later iterations: "live" (recomputed) or "held" (docs/halting.md)
 
     def __post_init__(self) -> None:
         reg = regularizer(self.reg)  # refuses an unknown name
@@ -101,10 +103,16 @@ class LoopSpec:
         """``halt`` is a finite number >= 0; ``halt_metric`` is one of :data:`HALT_METRICS` and needs ``halt``."""
         if self.halt_metric not in HALT_METRICS:
             raise LoopgraphError(f"unknown --halt-metric {self.halt_metric!r}; choose one of {', '.join(HALT_METRICS)}")
+        if self.halt_kv not in HALT_KV:
+            raise LoopgraphError(f"unknown --halt-kv {self.halt_kv!r}; choose one of {', '.join(HALT_KV)}")
         if self.halt is None:
             if self.halt_metric != "rel":
                 raise LoopgraphError("--halt-metric needs --halt TOL (the tolerance it is compared with); add e.g. --halt 0.01")
+            if self.halt_kv != "live":
+                raise LoopgraphError("--halt-kv needs --halt TOL (it says what frozen tokens contribute); add e.g. --halt 0.01")
             return
+        if self.halt_kv == "held" and self.unroll:
+            raise LoopgraphError("--halt-kv held is a Loop form (each iteration runs only the moving tokens); drop --unroll")
         if isinstance(self.halt, bool) or not isinstance(self.halt, (int, float)) or not math.isfinite(self.halt) or self.halt < 0:
             raise LoopgraphError(f"--halt {self.halt!r} must be a finite number >= 0 (0 freezes only unchanged tokens); pick e.g. 0.01")
         object.__setattr__(self, "halt", float(self.halt))
@@ -158,12 +166,15 @@ class LoopSpec:
             s += "-unrolled"
         if self.halt is not None:
             s += f"-halt{self.halt:g}" + ("" if self.halt_metric == "rel" else f"-{self.halt_metric}")
+            s += "" if self.halt_kv == "live" else f"-{self.halt_kv}"
         return s
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         if self.halt is None:  # files without halting keep the spec they had before halting existed
             del data["halt"], data["halt_metric"]
+        if self.halt_kv == "live":  # and files with live halting keep the spec they had before held K/V existed
+            del data["halt_kv"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod

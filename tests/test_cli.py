@@ -68,7 +68,7 @@ def test_spec_flags_are_declared_once_for_rewrite_and_trace():
     for cmd in ("rewrite", "trace"):
         sub = parser._subparsers._group_actions[0].choices[cmd]
         loop = next(g for g in sub._action_groups if g.title == "loop")
-        assert [a.dest for a in loop._group_actions] == ["range", "iters", "reg", "alpha", "k", "halt", "halt_metric"], cmd
+        assert [a.dest for a in loop._group_actions] == ["range", "iters", "reg", "alpha", "k", "halt", "halt_metric", "halt_kv"], cmd
     args = parser.parse_args(["trace", "m.onnx", "--range", "1:3", "-n", "2", "--reg", "anchor", "--alpha", "0.3", "-p", "x"])
     from loopgraph.cliargs import spec_from_args
     from loopgraph.spec import LoopSpec

@@ -338,6 +338,8 @@ def _loop_line(lp: dict[str, Any]) -> str:
     line = f"  {what}, {runs}, {reg}"
     if (lp["spec"] or {}).get("halt") is not None:  # per-token halting (docs/halting.md)
         line += f", halting per token when {lp['spec']['halt_metric']} change <= {lp['spec']['halt']:g} (N is the most)"
+        if lp["spec"].get("halt_kv", "live") != "live":
+            line += f"; frozen tokens' K/V are {lp['spec']['halt_kv']}, only moving tokens are computed"
     if lp["source"] == SPEC_KEY:
         agree = lp["blocks_by_names"] == [lp["start"], lp["end"]]
         names = "node names agree" if agree else f"node names say {lp['blocks_by_names']}" if lp["blocks_by_names"] else "node names carry no block index"

@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from loopgraph.errors import LoopgraphError
 from loopgraph.naming import lg_name
-from loopgraph.passes import halt, skip
+from loopgraph.passes import compact, halt, skip
 from loopgraph.passes.base import PassResult, Reports
 from loopgraph.passes.blocks import is_looped
 from loopgraph.passes.build import BodyBuilder, RangeGraph, export, initial_states, noise_control, open_range, replace_tensor, scalar_param, splice
@@ -78,6 +79,7 @@ class WrapInLoop(RangePass):
             new.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in plan.params.items())
         record_spec(new, plan)
         skipping = None if halting is None or not plan.early_stop else (
+            "every frozen token (its K/V are held)" if halting.compaction is not None else
             "rows and tail positions without a moving token" if halting.skipping.on else f"none ({halting.skipping.reason})")
         return PassResult(new, True, LoopReport(**plan.report_fields(), body_nodes=len(rng.nodes), regularizer_nodes=added, skipping=skipping))
 
@@ -92,6 +94,8 @@ class _Halting:
     real: gs.Tensor | None
     skipping: skip.Skipping
     outer: dict[str, gs.Variable]  # the computed tensors the range reads from outside, by name
+    compaction: compact.Compaction | None = None  # --halt-kv held: only the moving tokens are computed
+    held_init: list[gs.Tensor] = dataclasses.field(default_factory=list)  # the held K/V before the first iteration
 
     @staticmethod
     def make(model: onnx.ModelProto, rng: RangeGraph, plan: RangePlan, pre: BodyBuilder, tol: gs.Tensor | None) -> _Halting | None:
@@ -100,8 +104,18 @@ class _Halting:
         shape = list(plan.shape)
         real = halt.real_tokens(pre, rng.graph, rng.x0, shape) if plan.early_stop else None
         outer, skipping = {}, skip.Skipping({}, "the Loop never stops early")
+        if plan.spec.halt_kv == "held" and not plan.early_stop:
+            raise LoopgraphError("--halt-kv held needs a file without KV cache (export without --with-past): a decode step "
+                                 "would need every iteration's cache; use --halt-kv live")
         if plan.early_stop:
             outer = {t.name: t for t in skip.outer_inputs(rng.nodes, rng.x0)}
+        if plan.spec.halt_kv == "held":
+            comp = compact.plan_compaction(model, plan.x0, list(outer), rng.nodes)
+            if comp.reason:
+                raise LoopgraphError(f"--halt-kv held: cannot compute only the moving tokens of this range ({comp.reason}); use --halt-kv live")
+            return _Halting(tol, halt.initial(pre, rng.x0, shape), real, skip.Skipping({}, "held K/V computes the moving tokens only"),
+                            outer, comp, compact.kv_initial(pre, rng.x0, comp))
+        if plan.early_stop:
             skipping = skip.plan_skipping(model, plan.x0, list(outer))
         return _Halting(tol, halt.initial(pre, rng.x0, shape), real, skipping, outer)
 
@@ -123,8 +137,14 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
         replace_tensor(node.inputs, rng.x0, x_prev)
     tok = halt.token_shape(shape)
     prev = halt.HaltState(gs.Variable(lg_name("body", "frozen_prev"), np.bool_, tok), gs.Variable(lg_name("body", "used_prev"), np.int64, tok))
-    held = prev.frozen
-    if halting is not None and halting.skipping.on:  # the range runs on the window of moving tokens only
+    held, kv_in, kv_out = prev.frozen, [], []
+    if halting is not None and halting.compaction is not None:  # held K/V: the range runs on the moving tokens only
+        kv_in = compact.kv_inputs(halting.compaction, dtype)
+        c = compact.apply(b, rng.nodes, x_prev, prev.frozen, halting.real, halting.compaction, halting.outer, kv_in, shape)
+        y_c = gs.Variable(lg_name("body", "y_computed"), dtype, [None, None, shape[-1]])
+        replace_tensor(rng.out.inputs[0].outputs, rng.out, y_c)
+        y, held, kv_out = compact.scatter_back(b, y_c, c, shape), c.held, c.kv_out
+    elif halting is not None and halting.skipping.on:  # the range runs on the window of moving tokens only
         w = skip.apply(b, rng.nodes, x_prev, prev.frozen, halting.real, halting.skipping, halting.outer, shape)
         y_window = gs.Variable(lg_name("body", "y_window"), dtype, [None, None, shape[-1]])
         replace_tensor(rng.out.inputs[0].outputs, rng.out, y_window)
@@ -139,7 +159,7 @@ def _body(rng: RangeGraph, plan: RangePlan, weight: gs.Tensor | None, kv_start: 
     if halting is not None:
         x_next, state_out, now = halt.step(b, iteration, x_prev, x_next, state_in, state_out, halt.HaltState(held, prev.used),
                                            halting.tol, plan.spec.halt_metric, shape)
-        halt_in, halt_out = [prev.frozen, prev.used], [now.frozen, now.used]
+        halt_in, halt_out = [prev.frozen, prev.used, *kv_in], [now.frozen, now.used, *kv_out]
     if plan.early_stop:
         cond_out = halt.still_moving(b, halt_out[0], halting.real)
     else:
@@ -170,8 +190,9 @@ def _outer_graph(rng: RangeGraph, plan: RangePlan, body: gs.Graph, iters: gs.Ten
     cond, halt_init, halt_final = gs.Variable.empty(), [], []
     if halting is not None:
         tok = halt.token_shape(shape)
-        halt_init = [halting.init.frozen, halting.init.used]
+        halt_init = [halting.init.frozen, halting.init.used, *halting.held_init]
         halt_final = [gs.Variable(lg_name("loop", "frozen_final"), np.bool_, tok), gs.Variable(lg_name("loop", "used_final"), np.int64, tok)]
+        halt_final += [gs.Variable(lg_name("loop", f"held{k}_final"), dtype, t.shape) for k, t in enumerate(halting.held_init)]
         if plan.early_stop:  # a given cond makes the body's cond_out count (M still bounds the loop)
             cond = gs.Constant(lg_name("halt", "cond_init"), np.array(True))
     loop = gs.Node("Loop", name=lg_name("loop"), inputs=[iters, cond, rng.x0, *inits.values(), *halt_init, *carry.loop_inputs],

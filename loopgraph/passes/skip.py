@@ -67,19 +67,35 @@ def outer_inputs(nodes: list[gs.Node], x0: gs.Tensor) -> list[gs.Variable]:
     return list(seen.values())
 
 
-def plan_skipping(model: onnx.ModelProto, x0: str, outer: list[str]) -> Skipping:
-    """The axes to cut of each outer tensor (module docstring), or why skipping is off."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        inferred = SymbolicShapeInference.infer_shapes(_graph_only(model), auto_merge=True)
-    except Exception as e:  # an op it does not know, or no onnxruntime: the file is still right, only slower
-        return Skipping({}, f"ONNX Runtime's symbolic shape inference failed ({type(e).__name__}: {str(e)[:120]})")
-    infos = {v.name: v.type.tensor_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+class Dims:
+    """Tensor dims from ONNX Runtime's symbolic shape inference: ``dims(name)`` is a list of symbols and
+    ints, or None when unknown."""
 
-    def dims(name: str) -> list | None:
-        t = infos.get(name)
+    def __init__(self, inferred: onnx.ModelProto) -> None:
+        self.types = {v.name: v.type.tensor_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+
+    def __call__(self, name: str) -> list | None:
+        t = self.types.get(name)
         return None if t is None or not t.HasField("shape") else [d.dim_param or d.dim_value for d in t.shape.dim]
 
+    def is_float_or_bool(self, name: str) -> bool:
+        return self.types[name].elem_type in FLOAT_OR_BOOL
+
+
+def infer_dims(model: onnx.ModelProto) -> tuple[Dims | None, str | None]:
+    """:class:`Dims` of ``model`` (its weights' data left out), or None and why inference failed."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        return Dims(SymbolicShapeInference.infer_shapes(_graph_only(model), auto_merge=True)), None
+    except Exception as e:  # an op it does not know, or no onnxruntime: the file is still right, only slower
+        return None, f"ONNX Runtime's symbolic shape inference failed ({type(e).__name__}: {str(e)[:120]})"
+
+
+def plan_skipping(model: onnx.ModelProto, x0: str, outer: list[str]) -> Skipping:
+    """The axes to cut of each outer tensor (module docstring), or why skipping is off."""
+    dims, reason = infer_dims(model)
+    if reason:
+        return Skipping({}, reason)
     x_dims = dims(x0)
     if not x_dims or len(x_dims) != 3 or not all(isinstance(d, str) and d for d in x_dims[:2]) or x_dims[0] == x_dims[1]:
         return Skipping({}, f"the residual stream {x0} has no symbolic [batch, seq] axes ({x_dims})")
@@ -89,7 +105,7 @@ def plan_skipping(model: onnx.ModelProto, x0: str, outer: list[str]) -> Skipping
         d = dims(name)
         if d is None:
             return Skipping({}, f"the range reads {name}, whose shape is unknown")
-        if infos[name].elem_type not in FLOAT_OR_BOOL and (batch in d or seq in d or len(d) <= 1):
+        if not dims.is_float_or_bool(name) and (batch in d or seq in d or len(d) <= 1):
             return Skipping({}, f"the range reads {name} ({d}), an integer tensor that may hold the batch or sequence size")
         unknown = [x for x in d if isinstance(x, str) and x not in (batch, seq)]
         if unknown:

@@ -70,7 +70,12 @@ class LoopedRange(nn.Module):
     keeps its state for the remaining iterations; it is still fed through the blocks (so the caches
     of every iteration fill as without halting) and its new value is discarded. All N iterations
     always run here: the graph's early stop must not change any result. ``self.iterations`` holds
-    each token's last applied iteration after a forward ([batch, seq])."""
+    each token's last applied iteration after a forward ([batch, seq]).
+
+    Held K/V (``spec.halt_kv == "held"``): every token is still computed here, but at each looped
+    attention the K/V of a token frozen before iteration t are replaced by the ones it had at its last
+    iteration (the model's eager attention function is wrapped for the forward), which is what the
+    graph's compacted iterations compute without computing the frozen tokens at all."""
 
     def __init__(self, layers: list[nn.Module], spec: LoopSpec, record: list | None = None) -> None:
         super().__init__()
@@ -99,6 +104,35 @@ class LoopedRange(nn.Module):
         positional = bool(args) and isinstance(args[0], Cache)
         cache = args[0] if positional else kwargs.get("past_key_values")
         caches = self._iteration_caches(cache) if isinstance(cache, Cache) else [cache] * self.spec.iters
+        with self._held_kv():
+            return self._forward(hidden_states, args, kwargs, caches, positional)
+
+    @contextlib.contextmanager
+    def _held_kv(self) -> Iterator[None]:
+        """With ``halt_kv == "held"``: the model's ``eager_attention_forward`` replaced, for the forward, by
+        one that swaps in the held K/V of the tokens in ``self._hold`` (their K/V of the last iteration that
+        did not hold them)."""
+        import sys
+        self._hold, self._kv = None, {}
+        if self.spec.halt_kv != "held":
+            yield
+            return
+        module = sys.modules[type(self.layers[0]).__module__]
+        original = module.eager_attention_forward
+
+        def attend(attn, query, key, value, attention_mask, *args, **kwargs):
+            if attn in self._kv:
+                hold = self._hold[:, None, :, :]  # [batch, 1, seq, 1] against [batch, heads, seq, d]
+                key, value = torch.where(hold, self._kv[attn][0], key), torch.where(hold, self._kv[attn][1], value)
+            self._kv[attn] = (key, value)
+            return original(attn, query, key, value, attention_mask, *args, **kwargs)
+        module.eager_attention_forward = attend
+        try:
+            yield
+        finally:
+            module.eager_attention_forward = original
+
+    def _forward(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict, caches: list, positional: bool):
         x, ys, rest = hidden_states, [], None
         frozen = torch.zeros(x.shape[:-1] + (1,), dtype=torch.bool, device=x.device)
         used = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
@@ -107,7 +141,7 @@ class LoopedRange(nn.Module):
                 args = (caches[t - 1], *args[1:])
             elif "past_key_values" in kwargs:
                 kwargs["past_key_values"] = caches[t - 1]
-            h = x
+            h, self._hold = x, frozen
             for layer in self.layers:
                 out = layer(h, *args, **kwargs)
                 h, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
