@@ -87,3 +87,102 @@ class ScoreCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+# --- carrying a cache between machines as committed parts -------------------------------------------
+# A long run spans sittings on machines that do not outlive them; the cache travels as gzipped SQLite
+# parts in a folder (results/tune-cache/part-000.sqlite.gz, ...). A snapshot writes only the rows no
+# earlier part holds, so a repository that commits each part grows by the new scores, not the whole cache.
+
+def _part_rows(part: Path) -> sqlite3.Connection:
+    import gzip
+    import tempfile
+    tmp = tempfile.NamedTemporaryFile(suffix=".sqlite", delete=False)
+    with gzip.open(part, "rb") as src, tmp:
+        while chunk := src.read(1 << 22):
+            tmp.write(chunk)
+    db = sqlite3.connect(tmp.name)
+    Path(tmp.name).unlink()  # the open connection keeps the data; nothing is left behind
+    return db
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("part-*.sqlite.gz"))
+
+
+def restore_parts(folder: Path, cache_dir: Path) -> int:
+    """Merge every part of ``folder`` into ``cache_dir``'s cache (rows already there are kept); the rows added."""
+    cache = ScoreCache(cache_dir)
+    assert cache._db is not None
+    added = 0
+    for part in _parts(folder):
+        rows = _part_rows(part).execute("SELECT key, value FROM scores").fetchall()
+        with cache._db:
+            before = cache._db.total_changes
+            cache._db.executemany("INSERT OR IGNORE INTO scores (key, value) VALUES (?, ?)", rows)
+            added += cache._db.total_changes - before
+    cache.close()
+    return added
+
+
+def snapshot_parts(cache_dir: Path, folder: Path) -> Path | None:
+    """Write the rows of ``cache_dir``'s cache that no part of ``folder`` holds as the next part; None if there are none."""
+    import gzip
+    import tempfile
+    live = Path(cache_dir) / "scores.sqlite"
+    if not live.is_file():
+        raise LoopgraphError(f"no score cache at {live}; pass the --cache-dir the run used")
+    known: set[str] = set()
+    for part in _parts(folder):
+        known.update(k for (k,) in _part_rows(part).execute("SELECT key FROM scores"))
+    src = sqlite3.connect(live)
+    new = [(k, v) for k, v in src.execute("SELECT key, value FROM scores ORDER BY key") if k not in known]
+    src.close()
+    if not new:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"part-{len(_parts(folder)):03d}.sqlite.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+        db = sqlite3.connect(Path(tmp) / "part.sqlite")
+        db.execute("CREATE TABLE scores (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.executemany("INSERT INTO scores (key, value) VALUES (?, ?)", new)
+        db.commit()
+        db.close()
+        partial = out.with_suffix(".partial")
+        with open(Path(tmp) / "part.sqlite", "rb") as f, open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            while chunk := f.read(1 << 22):
+                gz.write(chunk)
+        partial.replace(out)  # a part appears whole or not at all
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m loopgraph.eval.cache",
+                                 description="carry a score cache between machines as gzipped parts in a folder")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("restore", help="merge every part of FOLDER into CACHE_DIR/scores.sqlite")
+    s = sub.add_parser("snapshot", help="write CACHE_DIR's rows that no part of FOLDER holds as FOLDER's next part")
+    for p in (r, s):
+        p.add_argument("folder", type=Path)
+        p.add_argument("cache_dir", type=Path)
+    a = ap.parse_args(argv)
+    try:
+        _run(a)
+    except (LoopgraphError, OSError, sqlite3.Error) as e:
+        import sys
+        print(f"loopgraph: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(a) -> None:
+    if a.cmd == "restore":
+        print(f"restored {restore_parts(a.folder, a.cache_dir)} rows into {a.cache_dir / 'scores.sqlite'}")
+    else:
+        out = snapshot_parts(a.cache_dir, a.folder)
+        print("nothing new to snapshot" if out is None else f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
