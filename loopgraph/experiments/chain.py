@@ -22,7 +22,9 @@ So a cell costs ``(N - 1) * (E - S)`` range blocks plus ``L - E`` tail blocks, a
 range together cost ``2 * (L - S)`` blocks instead of ``2 * L + 3 * (E - S)``. The regularizers
 are evaluated in numpy with the formulas of :mod:`loopgraph.spec`, written as the graph writes
 them (``(1 - a) * p + a * q``, ``a = 1 / t`` in the model's float type), and the noise control
-as :func:`loopgraph.passes.loop.noise_control` does it (same ``W`` from the same seed).
+as :func:`loopgraph.passes.loop.noise_control` does it (same ``W`` from the same seed). Halting
+(a :class:`Reg` with ``halt``) is the live rule of docs/halting.md: the range runs on every token,
+frozen ones keep their state; the Loop's early stop changes nothing a scored token sees.
 
 Numerics: each session is optimized by ORT on its own, so the chain agrees with the Loop graph
 of the same cell to float rounding (tests: max |Δ logits| <= 1e-4 on the tiny fixtures, CPU,
@@ -187,11 +189,37 @@ class LoopState:
     r: np.ndarray
     wsum_y: np.ndarray | None = None
     wsum: np.ndarray | None = None
+    frozen: np.ndarray | None = None  # per token [..., 1], with halting
 
 
 def first_state(r: np.ndarray) -> LoopState:
-    """t = 1: x_1 = y_1 = r for every regularizer."""
-    return LoopState(1, r, r, r, np.ones(r.shape[:-1] + (1,), r.dtype))
+    """t = 1: x_1 = y_1 = r for every regularizer; no token is frozen."""
+    return LoopState(1, r, r, r, np.ones(r.shape[:-1] + (1,), r.dtype), np.zeros(r.shape[:-1] + (1,), np.bool_))
+
+
+def change(x: np.ndarray, prev: np.ndarray, metric: str) -> np.ndarray:
+    """Per-token change [..., 1] as :func:`loopgraph.passes.halt._change` writes it."""
+    def norm(v: np.ndarray) -> np.ndarray:
+        return np.sqrt((v * v).sum(-1, keepdims=True))
+    if metric == "rel":
+        return norm(x - prev) / norm(prev)
+    dt = x.dtype.type
+    return dt(1) - (x * prev).sum(-1, keepdims=True) / np.maximum(norm(x) * norm(prev), dt(COS_EPS))
+
+
+def halt_update(reg: Reg, prev: LoopState, y: np.ndarray) -> LoopState:
+    """:func:`update`, then docs/halting.md's rule (t >= 2): a frozen token keeps x and every
+    carried state, and a token whose change is <= TOL freezes. Without halting, :func:`update`."""
+    new = update(reg, prev, y)
+    if reg.halt is None:
+        return new
+    f = prev.frozen
+
+    def keep(old, cand):
+        return None if cand is None else np.where(f, old, cand)
+    x = keep(prev.x, new.x)
+    settled = change(x, prev.x, reg.halt_metric) <= x.dtype.type(reg.halt)
+    return LoopState(new.t, x, keep(prev.r, new.r), keep(prev.wsum_y, new.wsum_y), keep(prev.wsum, new.wsum), f | settled)
 
 
 def update(reg: Reg, prev: LoopState, y: np.ndarray) -> LoopState:
@@ -316,7 +344,7 @@ class BlockChain:
                     y = self.run_blocks(c.start, c.end, state.x, feeds)
                     if t == 2:
                         self._loops[ykey] = y
-                self._loops[key] = update(c.reg, state, y)
+                self._loops[key] = halt_update(c.reg, state, y)
             state = self._loops[key]
         x = state.x
         if variant.noise_seed is not None:

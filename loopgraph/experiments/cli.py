@@ -20,7 +20,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.dry_run:  # before the sweep: a refused folder costs nothing
         check_output_folder(args.output, SWEEP_FILES, force=args.force)
     cache_dir = None if args.no_cache else Path(args.cache_dir or DEFAULT_CACHE).expanduser()
-    result = sweep(args.model, args.task, ranges=args.ranges, stride=args.stride, iters=args.iters, regs=args.reg, limit=args.limit,
+    result = sweep(args.model, args.task, ranges=args.ranges, stride=args.stride, iters=args.iters, regs=args.reg, halt=args.halt,
+                   halt_metric=args.halt_metric, limit=args.limit,
                    seed=args.seed, data_dir=args.data_dir, split=args.split, metric=args.metric, cache_dir=cache_dir,
                    executor=args.executor, workers=args.workers, threads=args.threads, ray_address=args.ray_address,
                    max_batch_tokens=args.max_batch_tokens, significance=args.significance, dry_run=args.dry_run,
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", default="2,3", help="comma-separated N values (default 2,3)")
     p.add_argument("--reg", default="uniform", help=f"comma-separated regularizers, optionally with a weight: "
                                                     f"uniform,naive,anchor:0.3,damped:4 (from {', '.join(REGULARIZERS)}; default uniform)")
+    p.add_argument("--halt", metavar="TOLS", help="also sweep per-token halting: comma-separated tolerances, none = the plain loop, "
+                                                  "e.g. none,0.2 (cells with N >= 3; docs/halting.md)")
+    p.add_argument("--halt-metric", default="rel", choices=["rel", "cos"], help="how --halt measures a token's change (default rel)")
     p.add_argument("--limit", type=int_arg, help="score N items drawn at random with --seed (default: all)")
     p.add_argument("--seed", type=seed_arg, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
     p.add_argument("--data-dir", type=Path, help="benchmarks folder (default: $LOOPGRAPH_DATA, else the samples shipped with loopgraph)")

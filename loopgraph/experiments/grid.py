@@ -32,20 +32,38 @@ from loopgraph.spec import MAX_ITERS, REGULARIZERS, LoopSpec, parse_range
 _WIDTH_RE = re.compile(r"^width=(\d+)$")
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Reg:
-    """A regularizer with its weight: ``alpha`` for ema/anchor, ``k`` for damped, else None."""
+    """A regularizer with its weight (``alpha`` for ema/anchor, ``k`` for damped, else None) and,
+    optionally, per-token halting (``halt`` = TOL with ``halt_metric``; docs/halting.md, the live rule)."""
     name: str
     weight: float | None = None
+    halt: float | None = None
+    halt_metric: str = "rel"
+
+    def __lt__(self, other: Reg) -> bool:  # None sorts first (a plain loop before its halting variants)
+        return self._order() < other._order()
+
+    def _order(self) -> tuple:
+        w, h = self.weight, self.halt
+        return (self.name, w is not None, w or 0.0, h is not None, self.halt_metric, h or 0.0)
 
     @property
     def label(self) -> str:
-        return self.name if self.weight is None else f"{self.name}:{self.weight:g}"
+        label = self.name if self.weight is None else f"{self.name}:{self.weight:g}"
+        if self.halt is not None:
+            label += f"+halt{'' if self.halt_metric == 'rel' else '-' + self.halt_metric}:{self.halt:g}"
+        return label
+
+    def key_fields(self) -> list:
+        """What cache keys add for halting (nothing for a plain loop, so its keys stay as they were)."""
+        return [] if self.halt is None else ["halt", self.halt, self.halt_metric]
 
     def spec(self, start: int, end: int, iters: int, dynamic: bool = True) -> LoopSpec:
         param = REGULARIZERS[self.name]
         return LoopSpec(start, end, iters=iters, reg=self.name, dynamic=dynamic,
-                        alpha=self.weight if param == "alpha" else None, k=self.weight if param == "k" else None)
+                        alpha=self.weight if param == "alpha" else None, k=self.weight if param == "k" else None,
+                        halt=self.halt, halt_metric=self.halt_metric)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -57,13 +75,13 @@ class Cell:
     reg: Reg
 
     @property
-    def unit_key(self) -> tuple[int, int, str]:
-        return (self.start, self.end, self.reg.name)
+    def unit_key(self) -> tuple:
+        return (self.start, self.end, self.reg.name, self.reg.halt, self.reg.halt_metric)
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """Cells sharing one rewrite: same range and regularizer, any N and weight."""
+    """Cells sharing one rewrite: same range, regularizer and halting rule, any N and weight."""
     start: int
     end: int
     reg: str
@@ -71,8 +89,7 @@ class Unit:
 
     def spec(self) -> LoopSpec:
         """The ``dynamic`` rewrite serving every cell (the largest N and the first cell's weight as defaults)."""
-        first = self.cells[0].reg
-        return Reg(self.reg, first.weight).spec(self.start, self.end, max(c.iters for c in self.cells))
+        return self.cells[0].reg.spec(self.start, self.end, max(c.iters for c in self.cells))
 
 
 def parse_ranges(text: str, num_blocks: int, stride: int = 1) -> list[tuple[int, int]]:
@@ -146,16 +163,50 @@ def parse_regs(text: str) -> list[Reg]:
     return regs
 
 
-def make_cells(ranges: Sequence[tuple[int, int]], iters: Sequence[int], regs: Sequence[Reg]) -> list[Cell]:
-    return sorted(Cell(s, e, n, r) for s, e in ranges for n in iters for r in regs)
+def parse_halts(text: str | None, metric: str = "rel") -> list[float | None]:
+    """``"none,0.1,0.24"`` -> [None, 0.1, 0.24]: halting tolerances (``none``: the plain loop), validated as :class:`LoopSpec` does."""
+    if text is None:
+        if metric != "rel":
+            raise LoopgraphError("--halt-metric needs --halt TOL (the tolerance it is compared with); add e.g. --halt 0.2")
+        return [None]
+    out: list[float | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "none":
+            out.append(None)
+            continue
+        try:
+            tol = float(part)
+        except ValueError:
+            raise LoopgraphError(f"--halt {part!r} is not a number; write tolerances such as --halt none,0.2") from None
+        out.append(LoopSpec(0, 1, iters=3, halt=tol, halt_metric=metric).halt)  # validates: finite, >= 0
+    if not out:
+        raise LoopgraphError("--halt is empty; give tolerances such as --halt 0.2 (none: the plain loop)")
+    if len(set(out)) < len(out):
+        raise LoopgraphError(f"--halt {text} lists a value twice; give each once")
+    return out
+
+
+def make_cells(ranges: Sequence[tuple[int, int]], iters: Sequence[int], regs: Sequence[Reg],
+               halts: Sequence[float | None] = (None,), halt_metric: str = "rel") -> list[Cell]:
+    """Every (range, N, regularizer, halting) cell. Halting with N <= 2 is the plain loop (a token
+    can freeze only after t = 2, the last iteration), so those cells are the plain ones, once."""
+    out = set()
+    for s, e in ranges:
+        for n in iters:
+            for r in regs:
+                for h in halts:
+                    out.add(Cell(s, e, n, r if h is None or n <= 2 else dataclasses.replace(r, halt=h, halt_metric=halt_metric)))
+    return sorted(out)
 
 
 def group_units(cells: Sequence[Cell]) -> list[Unit]:
     """Group cells by (range, regularizer name), in a stable order."""
-    groups: dict[tuple[int, int, str], list[Cell]] = {}
+    groups: dict[tuple, list[Cell]] = {}
     for c in sorted(cells):
         groups.setdefault(c.unit_key, []).append(c)
-    return [Unit(s, e, r, tuple(cs)) for (s, e, r), cs in groups.items()]
+    return [Unit(key[0], key[1], key[2], tuple(cs)) for key, cs in groups.items()]
 
 
 def format_duration(seconds: float) -> str:

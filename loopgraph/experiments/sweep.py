@@ -50,7 +50,7 @@ from loopgraph.eval.metrics import BINARY, item_metrics
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, score_groups
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
-from loopgraph.experiments.grid import Cell, Unit, format_duration, group_units, make_cells, parse_iters, parse_ranges, parse_regs
+from loopgraph.experiments.grid import Cell, Unit, format_duration, group_units, make_cells, parse_halts, parse_iters, parse_ranges, parse_regs
 from loopgraph.experiments.plots import HeatCell, HeatmapTitle, heatmaps
 from loopgraph.exportdir import model_title
 from loopgraph.onnxio import atomic_path
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
 SPLITS = ("dev", "reported")
 CACHE_NAMESPACE = "loopgraph-sweep-v1"
-CSV_FIELDS = ("task", "split", "metric", "start", "end", "width", "iters", "reg", "weight", "n", "value", "baseline", "delta",
+CSV_FIELDS = ("task", "split", "metric", "start", "end", "width", "iters", "reg", "weight", "halt", "halt_metric", "n", "value", "baseline", "delta",
               "ci95_lo", "ci95_hi", "p_mcnemar", "p_holm", "gained", "lost", "significant")
 Say = Callable[[str], None]
 
@@ -103,7 +103,7 @@ def tokenize(items: Sequence[Item], folder: Path) -> list[list[TokenRequest]]:
 
 def cell_key(model_key: str, cell: Cell | None) -> str:
     """Cache key of a cell's scores (``None``: the baseline) for the original model ``model_key``."""
-    what = "baseline" if cell is None else json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters])
+    what = "baseline" if cell is None else json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters, *cell.reg.key_fields()])
     return hashlib.sha256(f"{CACHE_NAMESPACE}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 
@@ -292,13 +292,14 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: int = 1, iters: str = "2,3",
-          regs: str = "uniform", limit: int | None = None, seed: int = 1234, data_dir: Path | None = None, split: str = "dev",
+          regs: str = "uniform", halt: str | None = None, halt_metric: str = "rel", limit: int | None = None, seed: int = 1234,
+          data_dir: Path | None = None, split: str = "dev",
           metric: str | None = None, cache_dir: Path | None = None, executor: str = "local", workers: int = 1,
           threads: int | None = None, ray_address: str | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
           significance: float = 0.05, dry_run: bool = False, progress: bool = True, say: Say = _stderr) -> SweepResult:
-    """Score every (range, N, regularizer) of a sweep and compare each with the baseline.
+    """Score every (range, N, regularizer, halting) of a sweep and compare each with the baseline.
 
-    ``ranges``/``stride``/``iters``/``regs`` follow :mod:`loopgraph.experiments.grid`. ``threads``:
+    ``ranges``/``stride``/``iters``/``regs``/``halt`` follow :mod:`loopgraph.experiments.grid`. ``threads``:
     ORT intra-op threads per job (default: the cores divided by ``workers`` for local runs, 1 per
     Ray task). ``dry_run``: count the cells, measure the baseline's speed on one batch and the
     cost of one rewrite + session, and estimate the time; nothing is scored or written."""
@@ -321,7 +322,7 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
     if metric not in BINARY or metric not in the_task.metrics:
         raise LoopgraphError(f"--metric {metric} is not a per-item accuracy of {task}; choose from "
                              f"{', '.join(m for m in the_task.metrics if m in BINARY)}")
-    iter_values, reg_values = parse_iters(iters), parse_regs(regs)
+    iter_values, reg_values, halt_values = parse_iters(iters), parse_regs(regs), parse_halts(halt, halt_metric)
     path = resolve_model_path(model)  # jobs get this path; each worker loads the model once (_original)
     # with one local worker every job runs here: load the weights now, once, for this look at the graph and for the jobs
     header = _original(str(path), path.stat().st_mtime_ns) if executor == "local" and workers == 1 else load_model(path)
@@ -330,7 +331,7 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
         raise LoopgraphError(f"{base.path} is already looped ({base.spec.slug()}); sweep the original export (model.onnx)")
     blocks = find_blocks(header)
     del header
-    cells = make_cells(parse_ranges(ranges, len(blocks), stride), iter_values, reg_values)
+    cells = make_cells(parse_ranges(ranges, len(blocks), stride), iter_values, reg_values, halt_values, halt_metric)
     units = group_units(cells)
     items = select(load_items(the_task, data_dir), limit, seed)
     groups = tokenize(items, base.path.parent)
@@ -350,6 +351,7 @@ def sweep(model: str | os.PathLike, task: str, *, ranges: str = "all", stride: i
         cached = sum(1 for c in cells if not missing[c])
         config = {"model": str(base.path), "task": the_task.name, "split": split_label, "data_file": the_task.files[0],
                   "metric": metric, "ranges": ranges, "stride": stride, "iters": iter_values, "regs": [r.label for r in reg_values],
+                  **({} if halt is None else {"halt": halt_values, "halt_metric": halt_metric}),
                   "limit": limit, "seed": seed, "items": len(items), "executor": executor, "workers": workers, "threads": threads,
                   "max_batch_tokens": max_batch_tokens, "significance": significance, "cache": None if cache.path is None else str(cache.path),
                   "loopgraph": __version__}
@@ -480,6 +482,7 @@ def csv_rows(result: SweepResult) -> list[dict]:
         c = r.cell
         out.append({"task": result.task.name, "split": result.split, "metric": result.metric, "start": c.start, "end": c.end,
                     "width": c.end - c.start, "iters": c.iters, "reg": c.reg.name, "weight": "" if c.reg.weight is None else c.reg.weight,
+                    "halt": "" if c.reg.halt is None else c.reg.halt, "halt_metric": "" if c.reg.halt is None else c.reg.halt_metric,
                     "n": r.n, "value": r.value, "baseline": r.baseline, "delta": r.delta, "ci95_lo": r.ci95[0], "ci95_hi": r.ci95[1],
                     "p_mcnemar": r.p_mcnemar, "p_holm": r.p_holm, "gained": r.gained, "lost": r.lost, "significant": int(r.significant)})
     return out

@@ -55,7 +55,7 @@ from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, plan, score_grou
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
 from loopgraph.experiments.chain import BlockChain, Variant, split_model
-from loopgraph.experiments.grid import Cell, Unit, make_cells, parse_iters, parse_ranges, parse_regs
+from loopgraph.experiments.grid import Cell, Unit, make_cells, parse_halts, parse_iters, parse_ranges, parse_regs
 from loopgraph.experiments.search import Round, Standing, finalists, gold_probability, pairs, schedule, standing, survivors
 from loopgraph.experiments.sweep import EXECUTORS, Job, cell_key, default_metric, execute, holm, tokenize
 
@@ -207,7 +207,7 @@ def _range_key(v: Variant | None) -> tuple:
 def variant_key(model_key: str, v: Variant | None) -> str:
     """Cache key of a variant's chain scores (separate from sweep's: other sessions, float rounding)."""
     what = "baseline" if v is None else json.dumps([v.cell.start, v.cell.end, v.cell.reg.name, v.cell.reg.weight, v.cell.iters,
-                                                    v.noise_seed])
+                                                    v.noise_seed, *v.cell.reg.key_fields()])
     return hashlib.sha256(f"{CACHE_NAMESPACE}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 
@@ -276,7 +276,7 @@ def run_confirm_job(job):
 
 
 def noise_key(model_key: str, cell: Cell, seed: int) -> str:
-    what = json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters, "noise", seed])
+    what = json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters, "noise", seed, *cell.reg.key_fields()])
     return hashlib.sha256(f"loopgraph-tune-noise-v1\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 
@@ -340,7 +340,8 @@ class TuneResult:
 # --- the driver -------------------------------------------------------------------------------
 
 def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all", stride: int = 1, iters: str = "2,3",
-         regs: str = DEFAULT_REGS, confirm: int = 3, n0: int = DEFAULT_N0, eta: int = DEFAULT_ETA, keep: int | None = None,
+         regs: str = DEFAULT_REGS, halt: str | None = None, halt_metric: str = "rel", confirm: int = 3,
+         n0: int = DEFAULT_N0, eta: int = DEFAULT_ETA, keep: int | None = None,
          seed: int = 1234, noise_seed: int = 1234, data_dir: Path | None = None, metric: str | None = None,
          tune_limit: int | None = None, confirm_limit: int | None = None, cache_dir: Path | None = None, executor: str = "local",
          workers: int = 1, threads: int | None = None, ray_address: str | None = None,
@@ -348,7 +349,8 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
          progress: bool = True, say: Say = _stderr) -> TuneResult:
     """Search and confirm on each task (see the module docstring). ``keep``: fewest cells a round
     keeps (default ``max(2 * confirm, 4)``); ``n0``: items of the first round; ``eta``: the factor
-    by which cells shrink and items grow per round."""
+    by which cells shrink and items grow per round; ``halt``: halting tolerances to search
+    (:func:`loopgraph.experiments.grid.parse_halts`), None for plain loops only."""
     from loopgraph.eval.runner import data_dir_default, open_model
     from loopgraph.onnxio import load_model
     from loopgraph.passes.blocks import find_blocks
@@ -363,12 +365,14 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
     if base.spec is not None:
         raise LoopgraphError(f"{base.path} is already looped ({base.spec.slug()}); tune the original export (model.onnx)")
     num_blocks = len(find_blocks(load_model(base.path)))
-    cells = make_cells(parse_ranges(ranges, num_blocks, stride), parse_iters(iters), parse_regs(regs))
+    halts = parse_halts(halt, halt_metric)
+    cells = make_cells(parse_ranges(ranges, num_blocks, stride), parse_iters(iters), parse_regs(regs), halts, halt_metric)
     if threads is None:
         threads = 1 if executor == "ray" else max(1, (os.cpu_count() or 1) // workers)
     all_splits = [make_splits(t, data_dir, seed, tune_limit, confirm_limit) for t in dict.fromkeys(tasks)]  # data errors first
     config = {"model": str(base.path), "tasks": [s.task.name for s in all_splits], "ranges": ranges, "stride": stride,
-              "iters": parse_iters(iters), "regs": [r.label for r in parse_regs(regs)], "confirm": confirm, "n0": n0, "eta": eta,
+              "iters": parse_iters(iters), "regs": [r.label for r in parse_regs(regs)],
+              **({} if halt is None else {"halt": halts, "halt_metric": halt_metric}), "confirm": confirm, "n0": n0, "eta": eta,
               "keep": keep, "seed": seed, "noise_seed": noise_seed, "tune_limit": tune_limit, "confirm_limit": confirm_limit,
               "executor": executor, "workers": workers, "threads": threads, "max_batch_tokens": max_batch_tokens,
               "significance": significance, "oracle": oracle, "cache": None if cache_dir is None else str(Path(cache_dir) / "scores.sqlite"),

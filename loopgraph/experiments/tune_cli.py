@@ -16,7 +16,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from loopgraph.experiments.tune_report import format_dry_run, format_summary, write_outputs
     cache_dir = None if args.no_cache else Path(args.cache_dir or DEFAULT_CACHE).expanduser()
     tasks = [t.strip() for group in args.task for t in group.split(",") if t.strip()]
-    result = tune(args.model, tasks, ranges=args.ranges, stride=args.stride, iters=args.iters, regs=args.reg, confirm=args.confirm,
+    result = tune(args.model, tasks, ranges=args.ranges, stride=args.stride, iters=args.iters, regs=args.reg, halt=args.halt,
+                  halt_metric=args.halt_metric, confirm=args.confirm,
                   n0=args.first_items, eta=args.eta, keep=args.keep, seed=args.seed, noise_seed=args.noise_seed, data_dir=args.data_dir,
                   metric=args.metric, tune_limit=args.tune_limit, confirm_limit=args.confirm_limit, cache_dir=cache_dir,
                   executor=args.executor, workers=args.workers, threads=args.threads, ray_address=args.ray_address,
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int_arg, default=1, help="with all/width=K: starts (and, for all, ends) on multiples of D (default 1)")
     p.add_argument("--iters", default="2,3", help="comma-separated N values (default 2,3)")
     p.add_argument("--reg", default="uniform,anchor:0.5", help="comma-separated regularizers with optional weights (default uniform,anchor:0.5)")
+    p.add_argument("--halt", metavar="TOLS", help="also search per-token halting: comma-separated tolerances, none = the plain loop, "
+                                                  "e.g. none,0.2 (cells with N >= 3; docs/halting.md, the live rule)")
+    p.add_argument("--halt-metric", default="rel", choices=["rel", "cos"], help="how --halt measures a token's change (default rel)")
     p.add_argument("--confirm", type=int_arg, default=3, help="finalists checked on the held-out split (default 3)")
     p.add_argument("--first-items", type=int_arg, default=48, help="items every cell gets in the first round (default 48)")
     p.add_argument("--eta", type=int_arg, default=2, help="per round: keep 1/ETA of the cells, give them ETA times the items (default 2)")
