@@ -146,3 +146,16 @@ def test_tune_cli_halting_dry_run(tiny, tmp_path):
     assert "6 cells" in dry.stdout + dry.stderr, dry.stdout + dry.stderr  # 2 ranges x (N=2, N=3, N=3 halting)
     bad = run_cli("tune", *common, "--halt-metric", "cos")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--halt-metric needs --halt" in bad.stderr, bad.stderr
+
+
+def test_halting_twin_shares_y3(tiny):
+    """A halting N = 3 cell after its plain twin runs only the tail: y_2 and y_3 are the plain cell's."""
+    chain = BlockChain(split_model(load_model(tiny("llama") / "model.onnx", load_weights=True)), threads=1)
+    ids, mask, at = np.full((1, 6), 5, np.int64), np.ones((1, 6), np.int64), np.array([5], np.int64)
+    chain.logits(None, ids, mask, at)
+    chain.logits(Variant(Cell(1, 3, 3, Reg("uniform"))), ids, mask, at)
+    runs = chain.block_runs
+    chain.logits(Variant(Cell(1, 3, 3, Reg("uniform", halt=0.1))), ids, mask, at)
+    assert chain.block_runs - runs == 1  # block 3, the tail
+    chain.logits(Variant(Cell(1, 3, 4, Reg("uniform", halt=0.1))), ids, mask, at)
+    assert chain.block_runs - runs == 1 + 2 + 1  # y_4 (2 blocks) and the tail

@@ -16,7 +16,7 @@ A cell ``[s, e) x N`` then reuses what every cell shares (per batch of token ids
 - ``y_1 = B(h_s) = h_e``: the first application of the range *is* the baseline's state at ``e``
   (the same sessions compute both), so it is never recomputed;
 - ``y_2 = B(h_e)``, shared by every regularizer and every N >= 2 of the range, and ``x_t`` of one
-  regularizer, shared by its N >= t cells.
+  regularizer, shared by its N >= t cells; ``y_3``, shared by a regularizer's plain and halting cells.
 
 So a cell costs ``(N - 1) * (E - S)`` range blocks plus ``L - E`` tail blocks, and N = 2 and 3 of a
 range together cost ``2 * (L - S)`` blocks instead of ``2 * L + 3 * (E - S)``. The regularizers
@@ -337,12 +337,14 @@ class BlockChain:
         for t in range(2, c.iters + 1):
             key = (batch, c.start, c.end, c.reg, t)
             if key not in self._loops:
-                ykey = (batch, c.start, c.end, "y2")  # y_2 = B(r) is the same for every regularizer
-                if t == 2 and ykey in self._loops:
+                # y_2 = B(r) is the same for every regularizer; y_3 = B(x_2) the same with or without
+                # halting (no token is frozen before t = 2 ends)
+                ykey = (batch, c.start, c.end, "y2") if t == 2 else (batch, c.start, c.end, dataclasses.replace(c.reg, halt=None, halt_metric="rel"), "y3")
+                if t <= 3 and ykey in self._loops:
                     y = self._loops[ykey]
                 else:
                     y = self.run_blocks(c.start, c.end, state.x, feeds)
-                    if t == 2:
+                    if t <= 3:
                         self._loops[ykey] = y
                 self._loops[key] = halt_update(c.reg, state, y)
             state = self._loops[key]
