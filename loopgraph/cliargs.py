@@ -84,6 +84,13 @@ def add_force_arg(p: argparse.ArgumentParser, what: str = "output file") -> None
     p.add_argument("--force", action="store_true", help=f"replace an existing {what} (refused without it)")
 
 
+def add_halt_search_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--halt TOLS`` and ``--halt-metric`` of ``sweep`` and ``tune``: halting cells beside the plain ones."""
+    parser.add_argument("--halt", metavar="TOLS", help=f"also {verb} per-token halting: comma-separated tolerances, none = the plain "
+                                                       "loop, e.g. none,0.2 (cells with N >= 3; docs/halting.md, the live rule)")
+    parser.add_argument("--halt-metric", default="rel", choices=list(HALT_METRICS), help="how --halt measures a token's change (default rel)")
+
+
 def add_spec_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The ``loop`` option group: which blocks, how often, which regularizer and its weight."""
     g = parser.add_argument_group("loop")

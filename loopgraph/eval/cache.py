@@ -11,9 +11,13 @@ written, never corrupts what was committed. Several processes may share the file
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import shutil
 import sqlite3
+import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -94,71 +98,67 @@ class ScoreCache:
 # parts in a folder (results/tune-cache/part-000.sqlite.gz, ...). A snapshot writes only the rows no
 # earlier part holds, so a repository that commits each part grows by the new scores, not the whole cache.
 
-def _part_rows(part: Path) -> sqlite3.Connection:
-    import gzip
-    import tempfile
-    tmp = tempfile.NamedTemporaryFile(suffix=".sqlite", delete=False)
-    with gzip.open(part, "rb") as src, tmp:
-        while chunk := src.read(1 << 22):
-            tmp.write(chunk)
-    db = sqlite3.connect(tmp.name)
-    Path(tmp.name).unlink()  # the open connection keeps the data; nothing is left behind
-    return db
-
-
 def _parts(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("part-*.sqlite.gz"))
 
 
+def _read_part(part: Path, columns: str) -> list[tuple]:
+    """Rows of a gzipped part (``columns`` of its scores table)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "part.sqlite"
+        with gzip.open(part, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        db = sqlite3.connect(plain)
+        try:
+            return db.execute(f"SELECT {columns} FROM scores").fetchall()
+        finally:
+            db.close()
+
+
 def restore_parts(folder: Path, cache_dir: Path) -> int:
     """Merge every part of ``folder`` into ``cache_dir``'s cache (rows already there are kept); the rows added."""
-    cache = ScoreCache(cache_dir)
-    assert cache._db is not None
+    db = ScoreCache(cache_dir)._db
+    assert db is not None
     added = 0
     for part in _parts(folder):
-        rows = _part_rows(part).execute("SELECT key, value FROM scores").fetchall()
-        with cache._db:
-            before = cache._db.total_changes
-            cache._db.executemany("INSERT OR IGNORE INTO scores (key, value) VALUES (?, ?)", rows)
-            added += cache._db.total_changes - before
-    cache.close()
+        with db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO scores (key, value) VALUES (?, ?)", _read_part(part, "key, value"))
+            added += db.total_changes - before
+    db.close()
     return added
 
 
 def snapshot_parts(cache_dir: Path, folder: Path) -> Path | None:
     """Write the rows of ``cache_dir``'s cache that no part of ``folder`` holds as the next part; None if there are none."""
-    import gzip
-    import tempfile
     live = Path(cache_dir) / "scores.sqlite"
     if not live.is_file():
         raise LoopgraphError(f"no score cache at {live}; pass the --cache-dir the run used")
-    known: set[str] = set()
-    for part in _parts(folder):
-        known.update(k for (k,) in _part_rows(part).execute("SELECT key FROM scores"))
+    parts = _parts(folder)
+    known = {k for part in parts for (k,) in _read_part(part, "key")}
     src = sqlite3.connect(live)
     new = [(k, v) for k, v in src.execute("SELECT key, value FROM scores ORDER BY key") if k not in known]
     src.close()
     if not new:
         return None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"part-{len(_parts(folder)):03d}.sqlite.gz"
+    out = Path(folder) / f"part-{len(parts):03d}.sqlite.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        db = sqlite3.connect(Path(tmp) / "part.sqlite")
+        plain = Path(tmp) / "part.sqlite"
+        db = sqlite3.connect(plain)
         db.execute("CREATE TABLE scores (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.executemany("INSERT INTO scores (key, value) VALUES (?, ?)", new)
         db.commit()
         db.close()
         partial = out.with_suffix(".partial")
-        with open(Path(tmp) / "part.sqlite", "rb") as f, open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            while chunk := f.read(1 << 22):
-                gz.write(chunk)
+        with open(plain, "rb") as f, open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            shutil.copyfileobj(f, gz, 1 << 22)
         partial.replace(out)  # a part appears whole or not at all
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+    import argparse  # only for the command line
     ap = argparse.ArgumentParser(prog="python -m loopgraph.eval.cache",
                                  description="carry a score cache between machines as gzipped parts in a folder")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         _run(a)
     except (LoopgraphError, OSError, sqlite3.Error) as e:
-        import sys
         print(f"loopgraph: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -339,7 +339,7 @@ class BlockChain:
             if key not in self._loops:
                 # y_2 = B(r) is the same for every regularizer; y_3 = B(x_2) the same with or without
                 # halting (no token is frozen before t = 2 ends)
-                ykey = (batch, c.start, c.end, "y2") if t == 2 else (batch, c.start, c.end, dataclasses.replace(c.reg, halt=None, halt_metric="rel"), "y3")
+                ykey = (batch, c.start, c.end, "y2") if t == 2 else (batch, c.start, c.end, c.reg.plain, "y3")
                 if t <= 3 and ykey in self._loops:
                     y = self._loops[ykey]
                 else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopgraph.cliargs import add_force_arg, add_spec_args, finite_float, int_arg, seed_arg, spec_from_args
+from loopgraph.cliargs import add_force_arg, add_halt_search_args, add_spec_args, finite_float, int_arg, seed_arg, spec_from_args
 from loopgraph.spec import REGULARIZERS
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")
@@ -63,9 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", default="2,3", help="comma-separated N values (default 2,3)")
     p.add_argument("--reg", default="uniform", help=f"comma-separated regularizers, optionally with a weight: "
                                                     f"uniform,naive,anchor:0.3,damped:4 (from {', '.join(REGULARIZERS)}; default uniform)")
-    p.add_argument("--halt", metavar="TOLS", help="also sweep per-token halting: comma-separated tolerances, none = the plain loop, "
-                                                  "e.g. none,0.2 (cells with N >= 3; docs/halting.md)")
-    p.add_argument("--halt-metric", default="rel", choices=["rel", "cos"], help="how --halt measures a token's change (default rel)")
+    add_halt_search_args(p, "sweep")
     p.add_argument("--limit", type=int_arg, help="score N items drawn at random with --seed (default: all)")
     p.add_argument("--seed", type=seed_arg, default=1234, help="seed of --limit's draw and of the bootstrap (default 1234)")
     p.add_argument("--data-dir", type=Path, help="benchmarks folder (default: $LOOPGRAPH_DATA, else the samples shipped with loopgraph)")

@@ -55,9 +55,10 @@ class Reg:
             label += f"+halt{'' if self.halt_metric == 'rel' else '-' + self.halt_metric}:{self.halt:g}"
         return label
 
-    def key_fields(self) -> list:
-        """What cache keys add for halting (nothing for a plain loop, so its keys stay as they were)."""
-        return [] if self.halt is None else ["halt", self.halt, self.halt_metric]
+    @property
+    def plain(self) -> Reg:
+        """The same regularizer without halting."""
+        return dataclasses.replace(self, halt=None, halt_metric="rel")
 
     def spec(self, start: int, end: int, iters: int, dynamic: bool = True) -> LoopSpec:
         param = REGULARIZERS[self.name]
@@ -73,6 +74,12 @@ class Cell:
     end: int
     iters: int
     reg: Reg
+
+    def key(self, *extra) -> list:
+        """What a cache key hashes: the cell, ``extra`` (a noise seed, ...), then the halting rule, which
+        a plain cell leaves out so its keys are what they were before halting existed."""
+        halting = [] if self.reg.halt is None else ["halt", self.reg.halt, self.reg.halt_metric]
+        return [self.start, self.end, self.reg.name, self.reg.weight, self.iters, *extra, *halting]
 
     @property
     def unit_key(self) -> tuple:

@@ -103,7 +103,7 @@ def tokenize(items: Sequence[Item], folder: Path) -> list[list[TokenRequest]]:
 
 def cell_key(model_key: str, cell: Cell | None) -> str:
     """Cache key of a cell's scores (``None``: the baseline) for the original model ``model_key``."""
-    what = "baseline" if cell is None else json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters, *cell.reg.key_fields()])
+    what = "baseline" if cell is None else json.dumps(cell.key())
     return hashlib.sha256(f"{CACHE_NAMESPACE}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 

@@ -206,8 +206,7 @@ def _range_key(v: Variant | None) -> tuple:
 
 def variant_key(model_key: str, v: Variant | None) -> str:
     """Cache key of a variant's chain scores (separate from sweep's: other sessions, float rounding)."""
-    what = "baseline" if v is None else json.dumps([v.cell.start, v.cell.end, v.cell.reg.name, v.cell.reg.weight, v.cell.iters,
-                                                    v.noise_seed, *v.cell.reg.key_fields()])
+    what = "baseline" if v is None else json.dumps(v.cell.key(v.noise_seed))
     return hashlib.sha256(f"{CACHE_NAMESPACE}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 
@@ -276,7 +275,7 @@ def run_confirm_job(job):
 
 
 def noise_key(model_key: str, cell: Cell, seed: int) -> str:
-    what = json.dumps([cell.start, cell.end, cell.reg.name, cell.reg.weight, cell.iters, "noise", seed, *cell.reg.key_fields()])
+    what = json.dumps(cell.key("noise", seed))
     return hashlib.sha256(f"loopgraph-tune-noise-v1\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopgraph.cliargs import int_arg
+from loopgraph.cliargs import add_halt_search_args, int_arg
 
 DEFAULT_CACHE = Path("~/.cache/loopgraph/sweep")  # shared with sweep: confirmation scores are the same entries
 DEFAULT_BATCH_TOKENS = 128  # = loopgraph.eval.scoring.DEFAULT_BATCH_TOKENS (not imported: --help needs no numpy)
@@ -46,9 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int_arg, default=1, help="with all/width=K: starts (and, for all, ends) on multiples of D (default 1)")
     p.add_argument("--iters", default="2,3", help="comma-separated N values (default 2,3)")
     p.add_argument("--reg", default="uniform,anchor:0.5", help="comma-separated regularizers with optional weights (default uniform,anchor:0.5)")
-    p.add_argument("--halt", metavar="TOLS", help="also search per-token halting: comma-separated tolerances, none = the plain loop, "
-                                                  "e.g. none,0.2 (cells with N >= 3; docs/halting.md, the live rule)")
-    p.add_argument("--halt-metric", default="rel", choices=["rel", "cos"], help="how --halt measures a token's change (default rel)")
+    add_halt_search_args(p, "search")
     p.add_argument("--confirm", type=int_arg, default=3, help="finalists checked on the held-out split (default 3)")
     p.add_argument("--first-items", type=int_arg, default=48, help="items every cell gets in the first round (default 48)")
     p.add_argument("--eta", type=int_arg, default=2, help="per round: keep 1/ETA of the cells, give them ETA times the items (default 2)")
