@@ -30,12 +30,20 @@ Numerics: each session is optimized by ORT on its own, so the chain agrees with 
 of the same cell to float rounding (tests: max |Δ logits| <= 1e-4 on the tiny fixtures, CPU,
 1 thread), not bit for bit; what ``tune`` finally claims is re-measured on the real looped graph.
 
+Packed items (``split_model(..., allow=True)``, :mod:`loopgraph.eval.packing`): every block model
+gets one more input, ``loopgraph/chain/allow`` (bool ``[batch, 1, seq, seq]``), AND-ed into the
+condition of each attention's ``Where(cond, 0, -inf)`` mask before its Softmax. All ``True`` leaves
+the export's own causal and padding mask, so the outputs are bit for bit those of the plain
+sessions; a block-diagonal ``allow`` lets the options of one item share their common context in
+one row (each option sees the context and itself, at the positions it would have alone).
+
 Handled: exports without KV cache whose consecutive blocks share their boundary tensor (block
 ``l``'s output is block ``l + 1``'s input: Llama, Qwen2, Mistral, Phi-3, GPT-2 exports). Shape
 reads of any residual-stream boundary (the causal mask built from ``Shape(inputs_embeds)``) are
 pointed at the block's own input, which has the same shape, so no block session carries the
 embedding table. Refused: a block that reads the *value* of a tensor of another block or of the
-embeddings (besides its input); a with-past export; a looped model.
+embeddings (besides its input); a with-past export; a looped model; with ``allow``, an
+attention whose Softmax is not fed by ``Add(scores, Where(cond, 0, -inf))``.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.experiments.graphs import _inferred_infos, _tensor_info, lens_feeds, logit_lens
@@ -56,6 +64,7 @@ from loopgraph.passes.regularize import COS_EPS
 
 log = logging.getLogger(__name__)
 _GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")
+ALLOW = "loopgraph/chain/allow"  # the extra block input of packed items: which keys each query may see
 
 
 # --- cutting the export into sessions ---------------------------------------------------------
@@ -120,10 +129,12 @@ class ChainModels:
     embed_inputs: list[str]
     hidden: str  # name of every block model's hidden-state input
     dtype: np.dtype
+    allow: bool = False  # the block models take ALLOW (packed items)
 
 
-def split_model(model: onnx.ModelProto) -> ChainModels:
-    """Cut ``model`` (an original export with its weights) into embedding, per-block and head models."""
+def split_model(model: onnx.ModelProto, allow: bool = False) -> ChainModels:
+    """Cut ``model`` (an original export with its weights) into embedding, per-block and head
+    models; with ``allow`` every block model also takes :data:`ALLOW` (see the module docstring)."""
     from loopgraph.passes.blocks import find_blocks, has_kv_cache
     from loopgraph.passes.loop import is_looped
     if is_looped(model):
@@ -155,11 +166,59 @@ def split_model(model: onnx.ModelProto) -> ChainModels:
                                  "this export cannot be cut into per-block sessions")
         sub = _submodel(model, index, infos, ids, redirect, [b.input, *sorted(inputs)], b.output, f"loopgraph_chain_block{b.index}")
         _rename(sub, b.input, hidden)
+        if allow:
+            _add_allow(sub, b.index)
         block_models.append(sub)
-        block_inputs.append(sorted(inputs))
+        block_inputs.append(sorted(inputs) + ([ALLOW] if allow else []))
     head = logit_lens(model, blocks[-1].output)
     dtype = helper.tensor_dtype_to_np_dtype(infos[blocks[0].input].type.tensor_type.elem_type)
-    return ChainModels(embed, block_models, head, block_inputs, sorted(embed_inputs), hidden, np.dtype(dtype))
+    return ChainModels(embed, block_models, head, block_inputs, sorted(embed_inputs), hidden, np.dtype(dtype), allow)
+
+
+def _constant(nodes: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = nodes.get(name)
+    if node is None or node.op_type != "Constant":
+        return None
+    value = next((a for a in node.attribute if a.name == "value"), None)
+    return None if value is None else numpy_helper.to_array(value.t)
+
+
+def mask_wheres(graph: onnx.GraphProto) -> list[onnx.NodeProto] | str:
+    """The ``Where(cond, 0, -inf)`` nodes whose output each attention adds to its scores before
+    the Softmax (``cond`` True = the key is seen), or why the graph has none such."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    out: list[onnx.NodeProto] = []
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    if not softmaxes:
+        return "it has no Softmax"
+    for sm in softmaxes:
+        add = producer.get(sm.input[0])
+        wheres = [producer.get(t) for t in add.input] if add is not None and add.op_type == "Add" else []
+        where = next((w for w in wheres if w is not None and w.op_type == "Where"
+                      and np.array_equal(_constant(producer, inits, w.input[1]), [0.0])
+                      and np.array_equal(_constant(producer, inits, w.input[2]), [-np.inf])), None)
+        if where is None:
+            return f"the input of {sm.name} is not Add(scores, Where(cond, 0, -inf))"
+        if all(where is not w for w in out):
+            out.append(where)
+    return out
+
+
+def _add_allow(model: onnx.ModelProto, block: int) -> None:
+    """AND :data:`ALLOW` into the condition of every attention mask of a block model."""
+    wheres = mask_wheres(model.graph)
+    if isinstance(wheres, str):
+        raise LoopgraphError(f"block {block}: {wheres}; items cannot be packed for this export (tune --no-pack)")
+    for where in wheres:
+        allowed = f"{ALLOW}/{where.name}"
+        node = helper.make_node("And", [where.input[0], ALLOW], [allowed], name=f"{ALLOW}/{where.name}/And")
+        where.input[0] = allowed
+        at = next(i for i, n in enumerate(model.graph.node) if n is where)
+        model.graph.node.insert(at, node)
+    model.graph.input.append(helper.make_tensor_value_info(ALLOW, TensorProto.BOOL, ["batch", 1, "seq", "seq"]))
 
 
 def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
@@ -302,9 +361,12 @@ class BlockChain:
         """Forget the loop states (after the last variant of a range)."""
         self._loops: dict[tuple, LoopState | np.ndarray] = {}
 
-    @staticmethod
-    def _inputs(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+    def _inputs(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None, allow: np.ndarray | None) -> dict[str, np.ndarray]:
+        if (allow is not None) != self.models.allow:
+            raise ValueError("feed allow exactly when the chain was split with allow=True")
+        feeds = {"input_ids": ids, "attention_mask": mask,
+                 "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None) if positions is None else positions}
+        return feeds if allow is None else {**feeds, ALLOW: allow}
 
     def run_blocks(self, start: int, end: int, x: np.ndarray, feeds: dict) -> np.ndarray:
         """Blocks ``start .. end - 1`` applied once to ``x``."""
@@ -315,20 +377,23 @@ class BlockChain:
             self.block_tokens += int(feeds["attention_mask"].sum())
         return x
 
-    def boundaries(self, ids: np.ndarray, mask: np.ndarray) -> tuple[list[np.ndarray], dict]:
-        """h_0 .. h_L of the baseline for this batch (memoized)."""
-        key = ids.tobytes() + mask.tobytes() + bytes(str(ids.shape), "ascii")
+    def boundaries(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None = None,
+                   allow: np.ndarray | None = None) -> tuple[list[np.ndarray], dict]:
+        """h_0 .. h_L of the baseline for this batch (memoized). ``positions`` (default: from
+        ``mask``) and ``allow`` describe packed rows (:mod:`loopgraph.eval.packing`)."""
+        key = b"".join(a.tobytes() for a in (ids, mask, positions, allow) if a is not None) + bytes(str(ids.shape), "ascii")
         if key not in self._boundaries:
-            feeds = self._inputs(ids, mask)
+            feeds = self._inputs(ids, mask, positions, allow)
             h = [self.embed.run({n: feeds[n] for n in self.models.embed_inputs})[self.embed.output_names[0]]]
             for b in range(self.num_blocks):
                 h.append(self.run_blocks(b, b + 1, h[-1], feeds))
             self._boundaries[key] = (h, feeds)
         return self._boundaries[key]
 
-    def final_state(self, variant: Variant | None, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def final_state(self, variant: Variant | None, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None = None,
+                    allow: np.ndarray | None = None) -> np.ndarray:
         """The residual stream leaving the last block for ``variant`` (None: the baseline)."""
-        h, feeds = self.boundaries(ids, mask)
+        h, feeds = self.boundaries(ids, mask, positions, allow)
         if variant is None or variant.cell.iters == 1 and variant.noise_seed is None:
             return h[-1]
         c = variant.cell
@@ -355,13 +420,18 @@ class BlockChain:
             x = noise(x, state.r, self._noise[variant.noise_seed])
         return self.run_blocks(c.end, self.num_blocks, x, feeds)
 
-    def logits(self, variant: Variant | None, ids: np.ndarray, mask: np.ndarray, at: np.ndarray) -> np.ndarray:
+    def logits(self, variant: Variant | None, ids: np.ndarray, mask: np.ndarray, at: np.ndarray, positions: np.ndarray | None = None,
+               allow: np.ndarray | None = None) -> np.ndarray:
         """Logits ``[len(at), vocab]`` at the flat positions ``at`` (``row * seq + position``)."""
         self.forwards += 1
-        x = self.final_state(variant, ids, mask)
+        x = self.final_state(variant, ids, mask, positions, allow)
         picked = x.reshape(-1, x.shape[-1])[at][None]  # [1, positions, hidden]: norm and head act per position
         return self.head.run(lens_feeds(self.models.head, picked))[self.head.output_names[0]][0]
 
     def forward(self, variant: Variant | None):
         """A ``Forward`` for :func:`loopgraph.eval.scoring.score_groups`."""
         return lambda ids, mask, at: self.logits(variant, ids, mask, at)
+
+    def packed_forward(self, variant: Variant | None):
+        """A ``PackedForward`` for :func:`loopgraph.eval.packing.score_packed` (a chain split with allow)."""
+        return lambda ids, mask, positions, allow, at: self.logits(variant, ids, mask, at, positions, allow)

@@ -20,7 +20,12 @@ from the confirmation half; the two sets are disjoint by item key (asserted).
 Resumable and widenable: every (cell, item) score of the search and every confirmation score
 goes to the score cache (:class:`loopgraph.eval.cache.ScoreCache`) as each job finishes; a rerun
 with the same or a wider grid asks for the same pairs and scores only those not cached (the
-confirmation of a looped cell shares ``sweep``'s cache entries). Jobs are (a chunk of items of
+confirmation of a looped cell shares ``sweep``'s cache entries). Items are **packed** by default
+(:mod:`loopgraph.eval.packing`: an item's options share their common context in one row, so the
+chain feeds HellaSwag about half the ids); packed scores equal the row-per-option ones to float
+rounding, not bit for bit, so they live under their own cache keys, and a run reads the other
+kind where its own is missing (a search started unpacked resumes packed without rescoring).
+Jobs are (a chunk of items of
 at most ``JOB_TOKENS`` ids, a group of ``STARTS_PER_JOB`` start blocks): the boundary states are
 computed once per job, and jobs run inline, on a process pool or on Ray
 (:func:`loopgraph.experiments.sweep.execute`).
@@ -48,9 +53,10 @@ import numpy as np
 
 from loopgraph._version import __version__
 from loopgraph.errors import LoopgraphError
-from loopgraph.eval.cache import ScoreCache, item_key
+from loopgraph.eval.cache import ScoreCache, encode_requests, encoded_item_keys, item_key
 from loopgraph.eval.encoding import TokenRequest
 from loopgraph.eval.metrics import BINARY, item_metrics
+from loopgraph.eval.packing import packed_tokens, score_packed
 from loopgraph.eval.scoring import DEFAULT_BATCH_TOKENS, Score, plan, score_groups
 from loopgraph.eval.stats import compare_paired
 from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_items
@@ -61,6 +67,7 @@ from loopgraph.experiments.sweep import EXECUTORS, Job, cell_key, default_metric
 
 log = logging.getLogger(__name__)
 CACHE_NAMESPACE = "loopgraph-tune-chain-v1"
+PACKED_NAMESPACE = "loopgraph-tune-chain-packed-v1"
 DEFAULT_REGS = "uniform,anchor:0.5"
 DEFAULT_N0 = 48
 DEFAULT_ETA = 2
@@ -154,6 +161,8 @@ class SearchJob:
     max_length: int
     threads: int | None
     max_batch_tokens: int
+    pack: bool = False  # score the items packed (loopgraph.eval.packing)
+    window: int | None = None  # a sliding-window model's span: wider packed rows are not packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,16 +177,16 @@ class SearchJobResult:
 
 
 @functools.lru_cache(maxsize=1)
-def _chain(path: str, mtime_ns: int, threads: int | None) -> BlockChain:
+def _chain(path: str, mtime_ns: int, threads: int | None, pack: bool = False) -> BlockChain:
     """The block chain of a model, kept for the next job of this worker process."""
     from loopgraph.onnxio import load_model
-    return BlockChain(split_model(load_model(path, load_weights=True)), threads=threads)
+    return BlockChain(split_model(load_model(path, load_weights=True), allow=pack), threads=threads)
 
 
 def run_search_job(job: SearchJob) -> SearchJobResult:
     """Score a search job (a worker's entry point: inline, process pool or Ray)."""
     t0 = time.perf_counter()
-    chain = _chain(job.model, os.stat(job.model).st_mtime_ns, job.threads)
+    chain = _chain(job.model, os.stat(job.model).st_mtime_ns, job.threads, job.pack)
     setup = time.perf_counter() - t0
     t1, c1 = time.perf_counter(), time.process_time()
     runs, tokens, forwards = chain.block_runs, chain.block_tokens, chain.forwards
@@ -191,9 +200,13 @@ def run_search_job(job: SearchJob) -> SearchJobResult:
         if _range_key(v) != current:
             chain.forget_loops()
             current = _range_key(v)
-        if todo:
+        if todo and job.pack:
+            scores = score_packed([job.groups[k] for k in todo], chain.packed_forward(v), max_length=job.max_length,
+                                  max_batch_tokens=job.max_batch_tokens, window=job.window)
+        elif todo:
             scores = score_groups([job.groups[k] for k in todo], chain.forward(v), max_length=job.max_length,
                                   max_batch_tokens=job.max_batch_tokens)
+        if todo:
             out[i] = tuple(tuple(s) for s in scores)
     chain.clear()
     return SearchJobResult(tuple(out), chain.block_runs - runs, chain.block_tokens - tokens, chain.forwards - forwards, setup,
@@ -204,10 +217,12 @@ def _range_key(v: Variant | None) -> tuple:
     return (-1, -1) if v is None else (v.cell.start, v.cell.end)
 
 
-def variant_key(model_key: str, v: Variant | None) -> str:
-    """Cache key of a variant's chain scores (separate from sweep's: other sessions, float rounding)."""
+def variant_key(model_key: str, v: Variant | None, packed: bool = False) -> str:
+    """Cache key of a variant's chain scores (separate from sweep's: other sessions, float rounding;
+    packed and row-per-option scores apart: float rounding)."""
     what = "baseline" if v is None else json.dumps(v.cell.key(v.noise_seed))
-    return hashlib.sha256(f"{CACHE_NAMESPACE}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
+    namespace = PACKED_NAMESPACE if packed else CACHE_NAMESPACE
+    return hashlib.sha256(f"{namespace}\0{__version__}\0{model_key}\0{what}".encode()).hexdigest()
 
 
 def variant_cost(v: Variant | None, num_blocks: int) -> int:
@@ -219,8 +234,11 @@ def variant_cost(v: Variant | None, num_blocks: int) -> int:
     return (c.iters - 1) * (c.end - c.start) + (num_blocks - c.end) if c.iters > 1 or v.noise_seed is not None else 0
 
 
-def item_tokens(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_batch_tokens: int) -> list[int]:
-    """Ids fed per item (its rows after the shared-prefix merge)."""
+def item_tokens(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_batch_tokens: int, pack: bool = False,
+                window: int | None = None) -> list[int]:
+    """Ids fed per item (its rows after the shared-prefix merge, or its packed row)."""
+    if pack:
+        return packed_tokens(groups, max_length, window)
     p = plan(groups, max_length, max_batch_tokens, 64)
     out = [0] * len(groups)
     for row, g in zip(p.rows, p.owner):
@@ -345,11 +363,12 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
          tune_limit: int | None = None, confirm_limit: int | None = None, cache_dir: Path | None = None, executor: str = "local",
          workers: int = 1, threads: int | None = None, ray_address: str | None = None,
          max_batch_tokens: int = DEFAULT_BATCH_TOKENS, significance: float = 0.05, oracle: bool = False, dry_run: bool = False,
-         progress: bool = True, say: Say = _stderr) -> TuneResult:
+         pack: bool = True, progress: bool = True, say: Say = _stderr) -> TuneResult:
     """Search and confirm on each task (see the module docstring). ``keep``: fewest cells a round
     keeps (default ``max(2 * confirm, 4)``); ``n0``: items of the first round; ``eta``: the factor
     by which cells shrink and items grow per round; ``halt``: halting tolerances to search
-    (:func:`loopgraph.experiments.grid.parse_halts`), None for plain loops only."""
+    (:func:`loopgraph.experiments.grid.parse_halts`), None for plain loops only; ``pack``: score
+    each item's options in one packed row where the export allows it (:func:`packing_of`)."""
     from loopgraph.eval.runner import data_dir_default, open_model
     from loopgraph.onnxio import load_model
     from loopgraph.passes.blocks import find_blocks
@@ -363,7 +382,13 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
     base = open_model(model)
     if base.spec is not None:
         raise LoopgraphError(f"{base.path} is already looped ({base.spec.slug()}); tune the original export (model.onnx)")
-    num_blocks = len(find_blocks(load_model(base.path)))
+    graph = load_model(base.path)
+    num_blocks = len(find_blocks(graph))
+    window = sliding_window(base.path.parent)
+    if pack and (why := packing_of(graph)) is not None:
+        say(f"items are scored a row per option: {why}")
+        pack = False
+    del graph
     halts = parse_halts(halt, halt_metric)
     cells = make_cells(parse_ranges(ranges, num_blocks, stride), parse_iters(iters), parse_regs(regs), halts, halt_metric)
     if threads is None:
@@ -374,9 +399,9 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
               **({} if halt is None else {"halt": halts, "halt_metric": halt_metric}), "confirm": confirm, "n0": n0, "eta": eta,
               "keep": keep, "seed": seed, "noise_seed": noise_seed, "tune_limit": tune_limit, "confirm_limit": confirm_limit,
               "executor": executor, "workers": workers, "threads": threads, "max_batch_tokens": max_batch_tokens,
-              "significance": significance, "oracle": oracle, "cache": None if cache_dir is None else str(Path(cache_dir) / "scores.sqlite"),
+              "significance": significance, "oracle": oracle, "pack": pack, "cache": None if cache_dir is None else str(Path(cache_dir) / "scores.sqlite"),
               "loopgraph": __version__}
-    ctx = _Context(base, num_blocks, threads, max_batch_tokens, executor, workers, ray_address, progress, say)
+    ctx = _Context(base, num_blocks, threads, max_batch_tokens, executor, workers, ray_address, progress, say, pack, window)
     cache = ScoreCache(cache_dir)
     try:
         out = []
@@ -389,6 +414,28 @@ def tune(model: str | os.PathLike, tasks: Sequence[str], *, ranges: str = "all",
     finally:
         cache.close()
     return TuneResult(base.path, out, config, time.perf_counter() - t0)
+
+
+def packing_of(graph) -> str | None:
+    """Why the items of this export cannot be packed (None: they can): every attention must add
+    ``Where(cond, 0, -inf)`` to its scores, where the chain ANDs in the packed rows' mask."""
+    from loopgraph.experiments.chain import mask_wheres
+    found = mask_wheres(graph.graph)
+    return found if isinstance(found, str) else None
+
+
+def sliding_window(folder: Path) -> int | None:
+    """The attention window of the export's config.json (None: the model sees its whole context).
+    Packed rows wider than it are not packed: the window counts row positions, not position ids."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or config.get("use_sliding_window") is False:
+        return None
+    return window
 
 
 def _check_args(confirm: int, n0: int, eta: int, keep: int | None, threads: int | None, workers: int, executor: str,
@@ -422,22 +469,35 @@ class _Context:
     ray_address: str | None
     progress: bool
     say: Say
+    pack: bool = False
+    window: int | None = None
 
 
 class _Scores:
-    """Scores per variant per item index (of one item list), backed by the cache."""
+    """Scores per variant per item index (of one item list), backed by the cache. Scores are
+    written under ``key_of``; ``also_of`` names other keys of the same scores (to float rounding)
+    read where ``key_of``'s are missing (``borrowed`` counts them per variant)."""
 
-    def __init__(self, cache: ScoreCache, items: Sequence[Item], key_of: Callable[[object], str]) -> None:
-        self.cache, self.items, self.key_of = cache, items, key_of
+    def __init__(self, cache: ScoreCache, items: Sequence[Item], key_of: Callable[[object], str],
+                 also_of: Callable[[object], str] | None = None) -> None:
+        self.cache, self.items, self.key_of, self.also_of = cache, items, key_of, also_of
+        self.encoded = [encode_requests(it.requests) for it in items]
         self.got: dict[object, dict[int, list[Score]]] = {}
         self.keys: dict[object, list[str]] = {}
+        self.borrowed: dict[object, int] = {}
 
     def load(self, variant) -> dict[int, list[Score]]:
         if variant not in self.got:
             k = self.key_of(variant)
-            self.keys[variant] = [item_key(k, it.requests) for it in self.items]
+            self.keys[variant] = encoded_item_keys(k, self.encoded)
             found = self.cache.get(self.keys[variant])
             self.got[variant] = {i: found[key] for i, key in enumerate(self.keys[variant]) if key in found}
+            if self.also_of is not None:
+                want = [i for i in range(len(self.items)) if i not in self.got[variant]]
+                lacking = dict(zip(encoded_item_keys(self.also_of(variant), [self.encoded[i] for i in want]), want))
+                more = self.cache.get(list(lacking))
+                self.got[variant].update({lacking[key]: v for key, v in more.items()})
+                self.borrowed[variant] = len(more)
         return self.got[variant]
 
     def put(self, variant, new: dict[int, list[Score]]) -> None:
@@ -460,9 +520,9 @@ def _tune_task(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, ce
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(splits.tune))]
     items = [splits.tune[i] for i in order]  # the race's item order: every prefix is a random subset
     groups = tokenize(items, base.path.parent)
-    tokens = item_tokens(groups, base.max_length, ctx.max_batch_tokens)
+    tokens = item_tokens(groups, base.max_length, ctx.max_batch_tokens, ctx.pack, ctx.window)
     rounds = schedule(len(cells), len(items), n0, eta, keep)
-    scores = _Scores(cache, items, lambda v: variant_key(base.key, v))
+    scores = _Scores(cache, items, lambda v: variant_key(base.key, v, ctx.pack), lambda v: variant_key(base.key, v, not ctx.pack))
     work = {"pairs": 0, "pairs_cached": 0, "block_runs": 0, "block_tokens": 0, "forwards": 0, "search_seconds": 0.0,
             "confirm_seconds": 0.0, "confirm_tokens": 0, "rewrites": 0}
     say(f"{task.name}: {len(cells)} cells, {len(items)} tuning items ({splits.tune_file}), {len(splits.confirm)} confirmation "
@@ -498,6 +558,8 @@ def _tune_task(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, ce
     finally:
         bar.close()
     work["search_seconds"] = time.perf_counter() - t0
+    work["packed"] = ctx.pack
+    work["scores_of_other_scoring"] = sum(n for v, n in scores.borrowed.items() if v is not None)
     _chain.cache_clear()  # the confirmation opens other sessions: free the chain's (in this process)
     full = [table[c] for c in active]
     final = finalists(full, confirm)
@@ -544,7 +606,7 @@ def _run_round(ctx: _Context, scores: _Scores, variants: Sequence[Variant | None
         for vs in per_start.values():
             todo = tuple(tuple(where[i] for i in missing[v] if i in inside) for v in vs)
             jobs.append(SearchJob(str(ctx.base.path), tuple(vs), tuple(chunk), tuple(tuple(groups[i]) for i in chunk), todo,
-                                  ctx.base.max_length, ctx.threads, ctx.max_batch_tokens))
+                                  ctx.base.max_length, ctx.threads, ctx.max_batch_tokens, ctx.pack, ctx.window))
 
     def on_result(job: SearchJob, result: SearchJobResult) -> None:
         scores.put_many({v: {job.items[k]: list(s) for k, s in zip(todo, got)} for v, todo, got in zip(job.variants, job.todo, result.scores)})
@@ -720,10 +782,10 @@ def _estimate(ctx: _Context, cells: Sequence[Cell], rounds: Sequence[Round], gro
     L = ctx.num_blocks
     sample = list(range(min(8, len(groups))))
     t0 = time.perf_counter()
-    _chain(str(ctx.base.path), os.stat(ctx.base.path).st_mtime_ns, ctx.threads)
+    _chain(str(ctx.base.path), os.stat(ctx.base.path).st_mtime_ns, ctx.threads, ctx.pack)
     setup = time.perf_counter() - t0
     job = SearchJob(str(ctx.base.path), (None,), tuple(sample), tuple(tuple(groups[i]) for i in sample), (tuple(sample),),
-                    ctx.base.max_length, ctx.threads, ctx.max_batch_tokens)
+                    ctx.base.max_length, ctx.threads, ctx.max_batch_tokens, ctx.pack, ctx.window)
     probe = run_search_job(job)
     per_block_token = probe.score_seconds / max(1, probe.block_tokens)
     cpu_per_block_token = probe.cpu_seconds / max(1, probe.block_tokens)

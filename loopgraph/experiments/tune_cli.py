@@ -22,7 +22,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                   metric=args.metric, tune_limit=args.tune_limit, confirm_limit=args.confirm_limit, cache_dir=cache_dir,
                   executor=args.executor, workers=args.workers, threads=args.threads, ray_address=args.ray_address,
                   max_batch_tokens=args.max_batch_tokens, significance=args.significance, oracle=args.oracle, dry_run=args.dry_run,
-                  progress=not args.no_progress)
+                  pack=not args.no_pack, progress=not args.no_progress)
     if args.dry_run:
         print(format_dry_run(result))
         return 0
@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int_arg, help="ONNX Runtime threads per job (default: cores / workers; 1 per Ray task)")
     p.add_argument("--ray-address", help="with --executor ray: connect to this cluster (auto, ray://host:10001)")
     p.add_argument("--max-batch-tokens", type=int_arg, default=DEFAULT_BATCH_TOKENS, help=f"rows x longest row per forward (default {DEFAULT_BATCH_TOKENS})")
+    p.add_argument("--no-pack", action="store_true", help="score each option in a row of its own (default: an item's options share "
+                                                          "their common context in one packed row, about half the work on HellaSwag)")
     p.add_argument("--dry-run", action="store_true", help="print the schedule and an estimated time from measured costs, score nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)

@@ -27,6 +27,13 @@ _BESIDE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
            "chat_template.jinja", "loopgraph.json")
 
 
+def _scoring_line(w: dict) -> str:
+    """How the chain fed the items (packed or a row per option) and how many cached scores came from the other way."""
+    how = "packed (an item's options share their context in one row)" if w.get("packed") else "a row per option"
+    other = w.get("scores_of_other_scoring", 0)
+    return f"Items fed {how}" + (f"; {other} cached cell scores were computed the other way (equal to float rounding)." if other else ".")
+
+
 def _pts(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:+.2f}"
 
@@ -103,7 +110,8 @@ def task_markdown(t: TaskTune, significance: float, heatmaps: list[Path]) -> lis
            f"metric {t.metric}, baseline {t.baseline_tune:.4f} on the tuning split.",
            f"- **Search**: successive halving on the paired gold-option probability; {planned} (cell, item) pairs of the "
            f"{exhaustive} an exhaustive search needs ({planned / max(1, exhaustive):.1%}); this run scored {w['pairs']} and found "
-           f"{w['pairs_cached']} in the cache, {w['block_runs']} block-session runs, {w['search_seconds']:.1f} s.", "",
+           f"{w['pairs_cached']} in the cache, {w['block_runs']} block-session runs, {w['search_seconds']:.1f} s. "
+           + _scoring_line(w), "",
            "| round | items per cell | cells |", "|---|---|---|"]
     out += [f"| {i} | {r.items} | {r.cells} |" for i, r in enumerate(t.rounds)]
     full = sorted((st for st in t.table.values() if st.dropped_after is None), key=lambda st: (-st.delta, -st.signal))
