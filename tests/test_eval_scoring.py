@@ -155,3 +155,19 @@ def test_progress_counts_fed_tokens():
     score_groups([[([1, 2, 3], [4])], [([1], [2])]], fake_forward([]), max_length=16, max_batch_tokens=3,
                  on_batch=lambda done, total: seen.append((done, total)))
     assert seen == [(3, 4), (4, 4)]
+
+
+def test_log_probs_equal_the_whole_array_float64_formula():
+    """_log_probs (float32 argmax / max / target, float64 chunks in place) gives every value of the
+    plain whole-array float64 log-softmax bit for bit, over chunk borders and with ties."""
+    from loopgraph.eval.scoring import _log_probs
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((45, 49152)) * 4).astype(np.float32)
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1  # a tie: the first index wins both ways
+    targets = rng.integers(0, 49152, 45)
+    targets[3] = 9
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    want = x[np.arange(45), targets] - (m[:, 0] + np.log(np.exp(x - m).sum(-1)))
+    lp, hit = _log_probs(logits, targets)
+    assert np.array_equal(lp, want) and np.array_equal(hit, x.argmax(-1) == targets) and not hit[3]

@@ -32,7 +32,7 @@ from loopgraph.runtime.inputs import right_pad
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 #: rows x widest row per forward pass (benchmarks/bench_eval.py measures the scaling)
 DEFAULT_BATCH_TOKENS = 128
-_CHUNK_ELEMENTS = 1 << 23  # float64 values converted at a time (64 MiB)
+_CHUNK_ELEMENTS = 1 << 20  # float64 values converted at a time (8 MiB: a few rows of a large vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +95,21 @@ def plan(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_batch_to
 
 
 def _log_probs(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log p(target) and argmax == target per row of ``logits`` [positions, vocab], in float64, a chunk at a time."""
+    """log p(target) and argmax == target per row of ``logits`` [positions, vocab], in float64, a
+    few rows at a time, in place (a chunk stays in cache). The argmax, the max and the target's
+    logit are read from the float32 logits: float64 holds them exactly, so every value is the one
+    of a whole-array float64 computation, bit for bit (tests)."""
     lp = np.empty(len(targets), np.float64)
-    hit = np.empty(len(targets), bool)
+    hit = logits.argmax(-1) == targets
+    picked = logits[np.arange(len(targets)), targets].astype(np.float64)
+    top = logits.max(-1).astype(np.float64)
     step = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
     for s in range(0, len(targets), step):
         x = logits[s:s + step].astype(np.float64)
-        m = x.max(-1, keepdims=True)
-        lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
-        tg = targets[s:s + step]
-        lp[s:s + step] = x[np.arange(len(tg)), tg] - lse
-        hit[s:s + step] = x.argmax(-1) == tg
+        m = top[s:s + step]
+        np.subtract(x, m[:, None], out=x)
+        np.exp(x, out=x)
+        lp[s:s + step] = picked[s:s + step] - (m + np.log(x.sum(-1)))
     return lp, hit
 
 
