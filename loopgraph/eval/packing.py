@@ -30,7 +30,7 @@ import numpy as np
 
 from loopgraph.errors import LoopgraphError
 from loopgraph.eval.encoding import TokenRequest, model_input
-from loopgraph.eval.scoring import Score, _log_probs
+from loopgraph.eval.scoring import Score, _log_probs, batch_rows
 from loopgraph.runtime.inputs import right_pad
 
 #: ids, mask, positions [batch, seq] int64, allow [batch, 1, seq, seq] bool, at [positions] -> logits [positions, vocab]
@@ -100,17 +100,7 @@ def plan_packed(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_b
     """The packed rows of every group and their batches (row indices), longest rows first."""
     rows = [row for g, requests in enumerate(groups) for row in pack_group(g, requests, max_length, window)]
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].ids), rows[r].group))
-    batches: list[list[int]] = []
-    widest = 0
-    for r in order:
-        n = len(rows[r].ids)
-        if batches and len(batches[-1]) < max_batch_rows and (len(batches[-1]) + 1) * max(widest, n) <= max_batch_tokens:
-            batches[-1].append(r)
-            widest = max(widest, n)
-        else:
-            batches.append([r])
-            widest = n
-    return rows, batches
+    return rows, batch_rows(order, [len(r.ids) for r in rows], max_batch_tokens, max_batch_rows)
 
 
 def packed_tokens(groups: Sequence[Sequence[TokenRequest]], max_length: int, window: int | None = None) -> list[int]:

@@ -82,16 +82,22 @@ def plan(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_batch_to
     for r, g in enumerate(owner):
         longest[g] = max(longest[g], len(rows[r]))
     order = sorted(range(len(rows)), key=lambda r: (-longest[owner[r]], owner[r], -len(rows[r])))
+    return Plan(rows, owner, reads, batch_rows(order, [len(r) for r in rows], max_batch_tokens, max_batch_rows))
+
+
+def batch_rows(order: Sequence[int], lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int) -> list[list[int]]:
+    """Rows (indices, in ``order``) packed into batches while ``rows x widest <= max_batch_tokens``
+    and ``rows <= max_batch_rows`` (a longer single row runs alone)."""
     batches: list[list[int]] = []
-    widths: list[int] = []
+    widest = 0
     for r in order:
-        if batches and len(batches[-1]) < max_batch_rows and (len(batches[-1]) + 1) * max(widths[-1], len(rows[r])) <= max_batch_tokens:
+        if batches and len(batches[-1]) < max_batch_rows and (len(batches[-1]) + 1) * max(widest, lengths[r]) <= max_batch_tokens:
             batches[-1].append(r)
-            widths[-1] = max(widths[-1], len(rows[r]))
+            widest = max(widest, lengths[r])
         else:
             batches.append([r])
-            widths.append(len(rows[r]))
-    return Plan(rows, owner, reads, batches)
+            widest = lengths[r]
+    return batches
 
 
 def _log_probs(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -200,14 +200,15 @@ def run_search_job(job: SearchJob) -> SearchJobResult:
         if _range_key(v) != current:
             chain.forget_loops()
             current = _range_key(v)
-        if todo and job.pack:
-            scores = score_packed([job.groups[k] for k in todo], chain.packed_forward(v), max_length=job.max_length,
-                                  max_batch_tokens=job.max_batch_tokens, window=job.window)
-        elif todo:
-            scores = score_groups([job.groups[k] for k in todo], chain.forward(v), max_length=job.max_length,
-                                  max_batch_tokens=job.max_batch_tokens)
-        if todo:
-            out[i] = tuple(tuple(s) for s in scores)
+        if not todo:
+            continue
+        groups = [job.groups[k] for k in todo]
+        if job.pack:
+            scores = score_packed(groups, chain.packed_forward(v), max_length=job.max_length, max_batch_tokens=job.max_batch_tokens,
+                                  window=job.window)
+        else:
+            scores = score_groups(groups, chain.forward(v), max_length=job.max_length, max_batch_tokens=job.max_batch_tokens)
+        out[i] = tuple(tuple(s) for s in scores)
     chain.clear()
     return SearchJobResult(tuple(out), chain.block_runs - runs, chain.block_tokens - tokens, chain.forwards - forwards, setup,
                            time.perf_counter() - t1, time.process_time() - c1)
