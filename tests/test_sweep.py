@@ -4,8 +4,13 @@ resume recomputes nothing, a wider sweep scores only the new cells, heatmaps, Ra
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import sqlite3
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +273,50 @@ def test_one_worker_reads_the_model_file_once(model, tmp_path, monkeypatch):
     result = run(model, tmp_path / "cache", ranges="1:3", iters="2", regs="uniform", limit=4)
     assert result.rewrites == 1 and result.cells_computed == 1 and len(result.rows) == 1
     assert [Path(f).resolve() for f in loads] == [model.resolve()], loads
+
+
+def _pids(folder: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in folder.glob("pid-*")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_failed_job_stops_the_pool_at_once(tmp_path):
+    """The other worker's job in hand (30 s) is terminated, not waited for: no worker outlives execute()."""
+    from tests.pool_jobs import sleep_job
+    with pytest.raises(ValueError, match="this job fails"):
+        sweep_mod.execute([(str(tmp_path), "sleep"), (str(tmp_path), "fail")], lambda job, result: None,
+                          workers=2, fn=sleep_job)
+    pids = _pids(tmp_path)
+    assert pids, "the sleeping job never started"
+    assert not list(tmp_path.glob("finished-*")), "execute() waited for a job in hand after another job failed"
+    assert not [p for p in pids if _alive(p)], f"workers {pids} outlived execute()"
+
+
+def test_sigterm_to_the_driver_stops_its_workers(tmp_path):
+    """kill PID of a running sweep/tune: the spawn workers die with the driver instead of running on, orphaned."""
+    script = ("import sys; from loopgraph.experiments.sweep import execute; from tests.pool_jobs import sleep_job; "
+              "execute([(sys.argv[1], 'sleep'), (sys.argv[1], 'sleep')], lambda job, result: None, workers=2, fn=sleep_job)")
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[1], stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_pids(tmp_path)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = _pids(tmp_path)
+        assert len(pids) == 2, f"the two jobs did not start (driver exit code {driver.poll()}): {log.read_text()[-2000:]}"
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=25)
+    finally:
+        driver.kill()
+    alive = [p for p in pids if _alive(p)]
+    assert not alive, f"workers {alive} outlived the driver stopped by SIGTERM"
+    assert not list(tmp_path.glob("finished-*"))
+    assert "KeyboardInterrupt" in log.read_text(), "SIGTERM did not unwind the driver like Ctrl-C"
