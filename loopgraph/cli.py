@@ -2,6 +2,8 @@
 
 User errors (:class:`LoopgraphError`), argparse's usage errors and writes that fail for want of
 room or permission print as one line and exit with code 2; ``--debug`` shows their traceback.
+Ctrl-C and SIGTERM (``kill PID``) unwind every command the same way (``finally`` blocks run: temporary files
+are removed, process-pool workers and a local Ray instance stop) and exit with code 130.
 Any other exception is a bug and keeps its traceback. torch/transformers/optimum are imported only inside the commands that
 need them, so ``loopgraph rewrite --help`` is instant.
 """
@@ -9,10 +11,13 @@ need them, so ``loopgraph rewrite --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -126,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, while the block runs (on the main thread, where
+    handlers live); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with sigterm_interrupts():
+            return args.func(args)
     except LoopgraphError as e:
         if args.debug:
             raise

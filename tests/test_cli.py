@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,27 @@ def test_real_export_manifest_and_bos(real_export):
     ids = tok.encode("The capital of France is").ids
     assert tok.token_to_id("<|im_start|>") not in ids[:1] and len(ids) == 5  # no BOS added
     assert json.loads((real_export / "tokenizer_config.json").read_text()).get("add_bos_token") is False
+
+
+def test_sigterm_unwinds_any_command_like_ctrl_c(monkeypatch, capsys):
+    """kill PID of any command: its finally blocks run (temp files removed, pool workers and a local Ray stopped),
+    it prints one line and exits 130; the previous SIGTERM handler comes back afterwards."""
+    import signal
+
+    import loopgraph.cli as cli
+    unwound = []
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            unwound.append(True)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_verify", command)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["verify", "x.onnx"]) == 130
+    assert unwound == [True], "the command's finally block did not run"
+    assert capsys.readouterr().err.strip() == "loopgraph: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before, "main() left its SIGTERM handler installed"

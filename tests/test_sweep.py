@@ -301,7 +301,8 @@ def test_a_failed_job_stops_the_pool_at_once(tmp_path):
 
 def test_sigterm_to_the_driver_stops_its_workers(tmp_path):
     """kill PID of a running sweep/tune: the spawn workers die with the driver instead of running on, orphaned."""
-    script = ("import sys; from loopgraph.experiments.sweep import execute; from tests.pool_jobs import sleep_job; "
+    script = ("import sys; from loopgraph.cli import sigterm_interrupts; from loopgraph.experiments.sweep import execute; "
+              "from tests.pool_jobs import sleep_job\nwith sigterm_interrupts(): "
               "execute([(sys.argv[1], 'sleep'), (sys.argv[1], 'sleep')], lambda job, result: None, workers=2, fn=sleep_job)")
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:

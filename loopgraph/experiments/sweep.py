@@ -208,16 +208,13 @@ def execute(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], *,
 
 
 def _execute_pool(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, fn: Callable) -> None:
-    """A process pool that dies with its driver: Ctrl-C, SIGTERM (``kill PID``) or a failed job terminate the
-    workers at once instead of letting each finish the job in hand (minutes of CPU nobody would store)."""
+    """A process pool that dies with its driver: an interrupt (Ctrl-C, or SIGTERM under the CLI's
+    :func:`~loopgraph.cli.sigterm_interrupts`) or a failed job terminate the workers at once instead of
+    letting each finish the job in hand (minutes of CPU nobody would store)."""
     import concurrent.futures as cf
     import multiprocessing
-    import signal
-    import threading
     # spawn, not fork: the driver may hold ORT thread pools, which do not survive a fork
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main else None
     try:
         futures = {pool.submit(fn, job): job for job in jobs}
         for future in cf.as_completed(futures):
@@ -229,8 +226,6 @@ def _execute_pool(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], Non
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _execute_ray(jobs: Sequence[Job], on_result: Callable[[Job, JobResult], None], workers: int, address: str | None,
