@@ -269,6 +269,38 @@ def test_resume_scores_nothing_twice(model, tmp_path, monkeypatch):
     assert len(wider.cells) == 2 * len(done.cells)
 
 
+def test_interrupted_confirmation_keeps_its_chunks(model, tmp_path, monkeypatch):
+    """The confirmation runs in chunks of items, each in the cache as it ends: stopped after 3
+    chunks and resumed, no (graph, item) pair is scored twice, together the runs score each of
+    the 3 graphs on every held-out item once, and the result equals an uninterrupted run's."""
+    kw = {"ranges": "0:2,1:3", "iters": "2", "regs": "uniform", "data_dir": DATA_DIR, "tune_limit": 8, "confirm_limit": 16,
+          "n0": 4, "confirm": 1, "keep": 2, **QUIET}
+    monkeypatch.setattr(tune_mod, "CONFIRM_JOB_TOKENS", 600)  # a few items per chunk on the fixture
+    real = tune_mod.run_confirm_job
+    scored: list[tuple] = []
+    calls = {"n": 0, "stop_at": 3}
+
+    def counting(job):
+        calls["n"] += 1
+        if calls["n"] > calls["stop_at"]:
+            raise KeyboardInterrupt
+        scored.extend(((job.cell, job.noise_seed), repr(g)) for g in job.groups)
+        return real(job)
+    monkeypatch.setattr(tune_mod, "run_confirm_job", counting)
+    with pytest.raises(KeyboardInterrupt):
+        tune(model, ["winogrande"], **kw, cache_dir=tmp_path / "c")
+    first = list(scored)
+    assert len(first) > 3, "a chunk should hold several items at this budget"
+    scored.clear()
+    calls["stop_at"] = 10**9
+    resumed = tune(model, ["winogrande"], **kw, cache_dir=tmp_path / "c").tasks[0]
+    assert not set(first) & set(scored), "the resumed confirmation re-scored an item a finished chunk had stored"
+    assert len(first) + len(scored) == len(set(first + scored)) == 3 * 16, (len(first), len(scored))
+    whole = tune(model, ["winogrande"], **kw, cache_dir=tmp_path / "fresh").tasks[0]
+    assert [(c.cell, c.value, c.baseline, c.noise_value) for c in resumed.confirmations] == \
+        [(c.cell, c.value, c.baseline, c.noise_value) for c in whole.confirmations]
+
+
 def test_pool_and_ray_give_the_same_standings(model, tmp_path):
     """--workers 2 (spawned processes) and --executor ray: the same per-cell standings and confirmation as inline."""
     kw = {"ranges": "0:2,1:3", "iters": "2,3", "regs": "uniform", "data_dir": DATA_DIR, "tune_limit": 8, "confirm_limit": 4,

@@ -63,7 +63,7 @@ from loopgraph.eval.tasks import MULTIPLE_CHOICE, Item, Task, get_task, load_ite
 from loopgraph.experiments.chain import BlockChain, Variant, split_model
 from loopgraph.experiments.grid import Cell, Unit, make_cells, parse_halts, parse_iters, parse_ranges, parse_regs
 from loopgraph.experiments.search import Round, Standing, finalists, gold_probability, pairs, schedule, standing, survivors
-from loopgraph.experiments.sweep import EXECUTORS, Job, cell_key, default_metric, execute, holm, tokenize
+from loopgraph.experiments.sweep import EXECUTORS, cell_key, default_metric, execute, holm, tokenize
 
 log = logging.getLogger(__name__)
 CACHE_NAMESPACE = "loopgraph-tune-chain-v1"
@@ -72,6 +72,7 @@ DEFAULT_REGS = "uniform,anchor:0.5"
 DEFAULT_N0 = 48
 DEFAULT_ETA = 2
 JOB_TOKENS = 256  # ids per job: a job (and the progress bar's step) takes minutes on SmolLM2, not an hour
+CONFIRM_JOB_TOKENS = 16384  # ids per confirmation job: about a minute of a real graph on SmolLM2, kept in the cache as it ends
 STARTS_PER_JOB = 6  # start blocks per job: each job computes the boundary states once (L blocks per item)
 Say = Callable[[str], None]
 
@@ -250,36 +251,53 @@ def item_tokens(groups: Sequence[Sequence[TokenRequest]], max_length: int, max_b
 # --- confirmation jobs ------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class NoiseJob:
-    """The noise control of one cell on the confirmation items (the real rewrite with ``noise_seed``)."""
+class ConfirmJob:
+    """Some confirmation items scored by one real graph: the original (``cell=None``), a looped
+    cell, or that cell's noise control (``noise_seed``)."""
     model: str
-    cell: Cell
-    noise_seed: int
+    cell: Cell | None
+    noise_seed: int | None
     groups: tuple[tuple[TokenRequest, ...], ...]
     max_length: int
     threads: int | None
     max_batch_tokens: int
 
 
-def run_confirm_job(job):
-    """A confirmation job: sweep's :class:`Job` (baseline, looped cell) or a :class:`NoiseJob`."""
-    from loopgraph.experiments.sweep import JobResult, run_job
-    if isinstance(job, Job):
-        return run_job(job)
-    from loopgraph.onnxio import load_model
+_SESSION: list = []  # [(key, (session, feeds))]: a worker's last graph, reused by its next chunk of the same one
+
+
+def _confirm_session(job: ConfirmJob):
+    """The job's graph as a session and its feeds; a worker keeps only the last one (a run's chunks
+    come graph by graph, so each worker builds each graph once)."""
+    from loopgraph.experiments.sweep import _feed_dtype, _original
     from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
     from loopgraph.runtime.logits import LogitsSession
+    key = (job.model, os.stat(job.model).st_mtime_ns, job.cell, job.noise_seed, job.threads)
+    if _SESSION and _SESSION[0][0] == key:
+        return _SESSION[0][1]
+    _SESSION.clear()  # free the last graph before building the next
+    original = _original(job.model, key[1])
+    if job.cell is None:
+        value = (LogitsSession(original, threads=job.threads), {})
+    else:
+        unit = Unit(job.cell.start, job.cell.end, job.cell.reg.name, (job.cell,))
+        spec = dataclasses.replace(unit.spec(), noise_seed=job.noise_seed) if job.noise_seed is not None else unit.spec()
+        lm = LogitsSession(rewrite(original, spec).model, threads=job.threads)
+        feeds = {ITERS_NAME: np.array(job.cell.iters, np.int64)}
+        param = param_name(job.cell.reg.name)
+        if param is not None:
+            feeds[param] = np.array(job.cell.reg.weight, _feed_dtype(lm.session.inputs[param].type))
+        value = (lm, feeds)
+    _SESSION.append((key, value))
+    return value
+
+
+def run_confirm_job(job: ConfirmJob):
+    """Score a confirmation job (a worker's entry point: local, process pool or Ray)."""
+    from loopgraph.experiments.sweep import JobResult
     t0 = time.perf_counter()
-    unit = Unit(job.cell.start, job.cell.end, job.cell.reg.name, (job.cell,))
-    spec = dataclasses.replace(unit.spec(), noise_seed=job.noise_seed)
-    # not cached: sweep's worker keeps its own copy of the original for the looped cells; one is enough in memory
-    lm = LogitsSession(rewrite(load_model(job.model, load_weights=True), spec).model, threads=job.threads)
-    feeds = {ITERS_NAME: np.array(job.cell.iters, np.int64)}
-    param = param_name(job.cell.reg.name)
-    if param is not None:
-        dtype = np.float16 if lm.session.inputs[param].type == "tensor(float16)" else np.float32
-        feeds[param] = np.array(job.cell.reg.weight, dtype)
+    lm, feeds = _confirm_session(job)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     tokens = 0
@@ -624,9 +642,9 @@ def job_work(job: SearchJob, tokens: Sequence[int], num_blocks: int) -> list[int
     return [variant_cost(v, num_blocks) * sum(tokens[job.items[k]] for k in todo) for v, todo in zip(job.variants, job.todo)]
 
 
-def _chunks(needed: Sequence[int], tokens: Sequence[int], workers: int) -> list[list[int]]:
-    """Consecutive runs of ``needed`` with at most JOB_TOKENS ids each, and at least ``workers`` runs."""
-    cap = min(JOB_TOKENS, max(1, math.ceil(sum(tokens[i] for i in needed) / workers)))
+def _chunks(needed: Sequence[int], tokens: Sequence[int], workers: int, budget: int = JOB_TOKENS) -> list[list[int]]:
+    """Consecutive runs of ``needed`` with at most ``budget`` ids each (or one item), and at least ``workers`` runs."""
+    cap = min(budget, max(1, math.ceil(sum(tokens[i] for i in needed) / workers)))
     out: list[list[int]] = [[]]
     size = 0
     for i in needed:
@@ -716,30 +734,35 @@ def _confirm(ctx: _Context, cache: ScoreCache, splits: Splits, metric: str, fina
     for s in final:
         wanted += [(s.key, cell_key(base.key, s.key)), (("noise", s.key), noise_key(base.key, s.key, noise_seed))]
     store = _Scores(cache, items, dict(wanted).__getitem__)
-    jobs, owners = [], []
-    for what, _ in wanted:
+    tokens = item_tokens(groups, base.max_length, ctx.max_batch_tokens)
+    jobs, owners = [], []  # owners: (what, item indices, block-tokens) per job
+    for what, _ in wanted:  # graph by graph, so a worker's next chunk mostly reuses its session
         missing = [i for i in range(len(items)) if i not in store.load(what)]
-        if not missing:
-            continue
-        sub = tuple(tuple(groups[i]) for i in missing)
-        if what is None:
-            jobs.append(Job(path, None, sub, (tuple(range(len(sub))),), base.max_length, ctx.threads, ctx.max_batch_tokens))
-        elif isinstance(what, Cell):
-            jobs.append(Job(path, Unit(what.start, what.end, what.reg.name, (what,)), sub, (tuple(range(len(sub))),), base.max_length,
-                            ctx.threads, ctx.max_batch_tokens))
-        else:
-            jobs.append(NoiseJob(path, what[1], noise_seed, sub, base.max_length, ctx.threads, ctx.max_batch_tokens))
-        owners.append((what, missing))
+        cell, seed = (None, None) if what is None else (what, None) if isinstance(what, Cell) else (what[1], noise_seed)
+        for chunk in _chunks(missing, tokens, ctx.workers, CONFIRM_JOB_TOKENS) if missing else []:
+            jobs.append(ConfirmJob(path, cell, seed, tuple(tuple(groups[i]) for i in chunk), base.max_length, ctx.threads,
+                                   ctx.max_batch_tokens))
+            blocks = ctx.num_blocks + (0 if cell is None else (cell.iters - 1) * (cell.end - cell.start))
+            owners.append((what, chunk, blocks * sum(tokens[i] for i in chunk)))
     owner = {id(j): o for j, o in zip(jobs, owners)}
+    bar = _WorkBar(ctx.progress and bool(jobs), f"{task.name} confirm")  # in block-tokens, as the search's
+    bar.plan(sum(w for _, _, w in owner.values()))
 
-    def on_result(job, result) -> None:
-        what, missing = owner[id(job)]
-        store.put(what, {i: list(s) for i, s in zip(missing, result.scores[0])})
+    def on_result(job, result) -> None:  # each chunk is in the cache as it ends: an interrupted run keeps it
+        what, chunk, done = owner[id(job)]
+        store.put(what, {i: list(s) for i, s in zip(chunk, result.scores[0])})
         work["confirm_tokens"] += result.tokens
-        work["rewrites"] += 0 if what is None else 1
+        bar.update(done)
     if jobs:
-        ctx.say(f"{task.name}: confirming {len(final)} finalists on {len(items)} held-out items ({len(jobs)} graph runs)")
-    execute(jobs, on_result, executor=ctx.executor, workers=ctx.workers, ray_address=ctx.ray_address, fn=run_confirm_job)
+        graphs = {what for what, _, _ in owners}
+        work["rewrites"] += len(graphs - {None})
+        ctx.say(f"{task.name}: confirming {len(final)} finalists on {len(items)} held-out items ({len(graphs)} graphs, "
+                f"{len(jobs)} jobs)")
+    try:
+        execute(jobs, on_result, executor=ctx.executor, workers=ctx.workers, ray_address=ctx.ray_address, fn=run_confirm_job)
+    finally:
+        bar.close()
+        _SESSION.clear()  # inline runs (one worker) kept the last graph in this process
 
     def correct(what) -> np.ndarray:
         got = store.load(what)
@@ -804,8 +827,8 @@ def _estimate(ctx: _Context, cells: Sequence[Cell], rounds: Sequence[Round], gro
     confirm_bt = (1 + 2 * confirm) * finalist_blocks * sum(confirm_tokens)  # baseline counted as a finalist: an upper bound
     t1 = time.perf_counter()
     c = cells[0]
-    run_confirm_job(Job(str(ctx.base.path), Unit(c.start, c.end, c.reg.name, (c,)), (), ((),), ctx.base.max_length, ctx.threads,
-                        ctx.max_batch_tokens))
+    run_confirm_job(ConfirmJob(str(ctx.base.path), c, None, (), ctx.base.max_length, ctx.threads, ctx.max_batch_tokens))
+    _SESSION.clear()
     rewrite_s = time.perf_counter() - t1
     search_s = (search_bt + boundary) * per_block_token / ctx.workers
     confirm_s = (confirm_bt * per_block_token + 2 * confirm * rewrite_s) / ctx.workers
