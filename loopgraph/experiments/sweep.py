@@ -144,9 +144,18 @@ def _feed_dtype(type_name: str):
     return np.float16 if type_name == "tensor(float16)" else np.float64 if type_name == "tensor(double)" else np.float32
 
 
+def cell_feeds(cell, lm) -> dict[str, np.ndarray]:
+    """A looped cell's inputs to its rewrite's session ``lm``: N, and the regularizer's weight if it has one."""
+    from loopgraph.passes.loop import ITERS_NAME, param_name
+    feeds = {ITERS_NAME: np.array(cell.iters, np.int64)}
+    param = param_name(cell.reg.name)
+    if param is not None:
+        feeds[param] = np.array(cell.reg.weight, _feed_dtype(lm.session.inputs[param].type))
+    return feeds
+
+
 def run_job(job: Job) -> JobResult:
     """Score a job's cells (a worker's entry point: local, process pool or Ray)."""
-    from loopgraph.passes.loop import ITERS_NAME, param_name
     from loopgraph.rewrite import rewrite
     from loopgraph.runtime.logits import LogitsSession
 
@@ -157,13 +166,7 @@ def run_job(job: Job) -> JobResult:
         cells_feeds: list[dict[str, np.ndarray]] = [{}]
     else:
         lm = LogitsSession(rewrite(original, job.unit.spec()).model, threads=job.threads)
-        param = param_name(job.unit.reg)
-        cells_feeds = []
-        for cell in job.unit.cells:
-            feeds = {ITERS_NAME: np.array(cell.iters, np.int64)}
-            if param is not None:
-                feeds[param] = np.array(cell.reg.weight, _feed_dtype(lm.session.inputs[param].type))
-            cells_feeds.append(feeds)
+        cells_feeds = [cell_feeds(cell, lm) for cell in job.unit.cells]
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     tokens = 0

@@ -269,8 +269,7 @@ _SESSION: list = []  # [(key, (session, feeds))]: a worker's last graph, reused 
 def _confirm_session(job: ConfirmJob):
     """The job's graph as a session and its feeds; a worker keeps only the last one (a run's chunks
     come graph by graph, so each worker builds each graph once)."""
-    from loopgraph.experiments.sweep import _feed_dtype, _original
-    from loopgraph.passes.loop import ITERS_NAME, param_name
+    from loopgraph.experiments.sweep import _original, cell_feeds
     from loopgraph.rewrite import rewrite
     from loopgraph.runtime.logits import LogitsSession
     key = (job.model, os.stat(job.model).st_mtime_ns, job.cell, job.noise_seed, job.threads)
@@ -284,11 +283,7 @@ def _confirm_session(job: ConfirmJob):
         unit = Unit(job.cell.start, job.cell.end, job.cell.reg.name, (job.cell,))
         spec = dataclasses.replace(unit.spec(), noise_seed=job.noise_seed) if job.noise_seed is not None else unit.spec()
         lm = LogitsSession(rewrite(original, spec).model, threads=job.threads)
-        feeds = {ITERS_NAME: np.array(job.cell.iters, np.int64)}
-        param = param_name(job.cell.reg.name)
-        if param is not None:
-            feeds[param] = np.array(job.cell.reg.weight, _feed_dtype(lm.session.inputs[param].type))
-        value = (lm, feeds)
+        value = (lm, cell_feeds(job.cell, lm))
     _SESSION.append((key, value))
     return value
 
